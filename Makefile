@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up, then run `hesd demo` on the embedded digits data set
+#   make test   - set up, then run the test suite
+# Set-up installs the pinned CPU build of torch first, so that the project's normal torch range
+# (pyproject.toml) does not pull a multi-GB CUDA build. Override TORCH_SPEC / TORCH_PIP_ARGS to change it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+EXTRAS ?= dev
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	touch $@
+
+demo: setup
+	$(BIN)/hesd demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/hvp.py
+
+clean:
+	rm -rf $(VENV) hesd-demo .pytest_cache

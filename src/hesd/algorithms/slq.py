@@ -1,0 +1,118 @@
+r"""Stochastic Lanczos quadrature (SLQ).
+
+For each of ``num_probes`` Rademacher probes :math:`v` (normalised), ``num_steps`` Lanczos
+steps give :math:`T = S\Theta S^\top`; the Ritz values :math:`\theta_i` and weights
+:math:`w_i = S_{1i}^2` form a Gauss quadrature rule for the spectral measure of
+:math:`A` seen from :math:`v`. See :class:`hesd.Spectrum`.
+
+Cost: ``num_probes × num_steps`` products, plus re-orthogonalisation
+(``O(num_steps² n)`` flops per probe with full re-orthogonalisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+
+from ..operators._base import as_operator
+from ._common import check_positive_int, rademacher
+from .lanczos import lanczos
+from .spectrum import Spectrum
+
+__all__ = ["ritz_from_tridiagonal", "slq"]
+
+
+def ritz_from_tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values (ascending) and Gauss weights (squared first eigenvector components).
+
+    Uses the symmetric tridiagonal solver :func:`scipy.linalg.eigh_tridiagonal`.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    if alpha.size == 1:
+        return alpha.copy(), np.ones(1)
+    theta, S = eigh_tridiagonal(alpha, beta)
+    w = S[0, :] ** 2
+    return theta, w / w.sum()
+
+
+def slq(
+    A: Any,
+    num_steps: int = 100,
+    num_probes: int = 1,
+    *,
+    seed: int = 0,
+    reorth: str = "full",
+    window: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: str | torch.device | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> Spectrum:
+    r"""Estimate the spectral density of a symmetric operator by stochastic Lanczos quadrature.
+
+    Args:
+        A: :class:`hesd.HessianOperator`, dense tensor or SciPy operator.
+        num_steps: Lanczos steps per probe (capped at the dimension). With
+            ``num_steps ≥ n`` the quadrature is exact: Ritz values are the eigenvalues.
+        num_probes: number of independent Rademacher probes.
+        seed: probes are a deterministic function of ``seed`` (same on every device).
+        reorth: ``"full"`` (default; the basis costs ``num_steps × n`` entries of
+            ``basis_dtype`` — for a 0.27 M-parameter ResNet-20 and 100 steps in float32,
+            108 MB), ``"window"`` (last ``window`` vectors: bounded memory, spurious Ritz
+            copies possible) or ``"none"``.
+        window: window size for ``reorth="window"``.
+        basis_dtype: store the basis in a lower precision (bounded-memory mode).
+        basis_device: store the basis elsewhere, e.g. ``"cpu"`` for a model on the GPU.
+        callback: ``callback(probe, step)`` after each Lanczos step (progress bars).
+
+    Returns:
+        :class:`hesd.Spectrum`. A probe whose Krylov space became invariant (Lanczos
+        breakdown) stops early; its Ritz values are then exact eigenvalues and its
+        ``broke_down`` flag is set.
+
+    Example:
+        >>> import torch, hesd
+        >>> A = torch.diag(torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float64))
+        >>> spec = hesd.slq(A, num_steps=4, num_probes=2, seed=0)
+        >>> [round(x, 10) for x in spec.values[0]]
+        [-1.0, 0.5, 2.0, 3.0]
+    """
+    caller = "slq"
+    op = as_operator(A, caller)
+    check_positive_int(num_steps, "num_steps", caller)
+    check_positive_int(num_probes, "num_probes", caller)
+    n = op.shape[0]
+    values, weights, broke = [], [], []
+    total = 0
+    for p in range(num_probes):
+        v0 = rademacher(n, 1, seed, op.dtype, op.device, offset=p)[:, 0]
+        step_cb = (lambda j, p=p: callback(p, j)) if callback is not None else None
+        res = lanczos(
+            op,
+            v0,
+            num_steps,
+            reorth=reorth,
+            window=window,
+            basis_dtype=basis_dtype,
+            basis_device=basis_device,
+            callback=step_cb,
+        )
+        theta, w = ritz_from_tridiagonal(res.alpha.numpy(), res.beta.numpy())
+        values.append(theta)
+        weights.append(w)
+        broke.append(res.broke_down)
+        total += res.num_matvecs
+    spec = Spectrum(values=values, weights=weights, dim=n, broke_down=broke, num_matvecs=total)
+    spec.info = {
+        "num_steps": num_steps,
+        "num_probes": num_probes,
+        "seed": seed,
+        "reorth": reorth,
+        "window": window,
+        "basis_dtype": str(basis_dtype) if basis_dtype else None,
+    }
+    return spec

@@ -1,0 +1,534 @@
+r"""The Hessian of a network's mean loss over a data set, as a linear operator.
+
+For parameters :math:`\theta \in \mathbb{R}^P`, data batches :math:`B_1, \dots, B_m` of
+sizes :math:`n_b` with :math:`N = \sum_b n_b`, and a loss ``loss_fn`` that returns the
+batch mean :math:`\ell_b(\theta)`,
+
+.. math::
+
+    L(\theta) = \frac{1}{N} \sum_b n_b\, \ell_b(\theta), \qquad
+    H v = \sum_b \frac{n_b}{N}\, \nabla^2 \ell_b(\theta)\, v ,
+
+so unequal batches are weighted by their sample counts and :math:`H` equals the Hessian
+of the loss over the concatenated data set. (For ``reduction="sum"`` losses the weight is
+:math:`1/N`.)
+
+Hessian-vector products (HVPs) use one of three methods:
+
+* ``"graph"`` — double backward with each batch's first-order graph kept across HVPs
+  (one backward pass per HVP, no forward);
+* ``"double_backward"`` — recompute the forward pass and first-order graph per batch;
+* ``"func"`` — :func:`torch.func.jvp` of :func:`torch.func.grad` (forward-over-reverse).
+
+``"auto"`` (default) keeps graphs for as many batches as fit the memory budget and
+recomputes the rest with ``"func"`` (``"double_backward"`` in train mode). ``benchmarks/hvp.py`` measures the three.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import NonDeterministicError, NonFiniteLossError
+from ._base import LinearOperator
+from ._data import as_reiterable, batch_size, call_model, split_batch, to_device
+
+__all__ = ["HessianOperator", "exact_hessian"]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_METHODS = ("auto", "graph", "double_backward", "func")
+
+
+@contextmanager
+def model_state(model: nn.Module, mode: str):
+    """Put ``model`` in ``mode`` ("eval" or "train") and restore it afterwards.
+
+    In train mode every buffer (BatchNorm running statistics, ``num_batches_tracked``)
+    is snapshotted and restored, so taking Hessians never changes the model. Inside,
+    ``scaled_dot_product_attention`` uses its math backend: the fused flash and
+    memory-efficient kernels have no second derivative (``aten::_scaled_dot_product_
+    flash_attention_for_cpu_backward`` is not differentiable in torch 2.13).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if mode == "train":
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        model.train()
+    else:
+        model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if saved:
+            with torch.no_grad():
+                for b, copy in saved:
+                    b.copy_(copy)
+        for m, flag in flags:
+            m.training = flag
+
+
+def _select_params(model: nn.Module, params: Any, caller: str) -> tuple[list[str], list[torch.Tensor]]:
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                f"{caller}: the model has no trainable parameters (every parameter has requires_grad=False); "
+                "unfreeze the parameters to analyse, or pass params=[...]"
+            )
+        return [n for n, _ in chosen], [p for _, p in chosen]
+    by_name = dict(named)
+    by_id = {id(p): n for n, p in named}
+    if isinstance(params, dict):
+        params = list(params.keys())
+    names: list[str] = []
+    for item in params:
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"{caller}: the model has no parameter named {item!r}")
+            names.append(item)
+        elif isinstance(item, torch.Tensor) and id(item) in by_id:
+            names.append(by_id[id(item)])
+        else:
+            raise ValueError(f"{caller}: params must be parameter names or parameters of the model, got {item!r}")
+    if not names:
+        raise ValueError(f"{caller}: params selects no parameters; pass at least one name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{caller}: params lists a parameter twice")
+    frozen = [n for n in names if not by_name[n].requires_grad]
+    if frozen:
+        raise ValueError(f"{caller}: params includes frozen parameters {frozen}; set requires_grad=True first")
+    return names, [by_name[n] for n in names]
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes of first-order graphs kept by default: half the free GPU memory, a quarter of free RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = 4 * 2**30
+    return int(avail * 0.25)
+
+
+@contextmanager
+def _count_saved_bytes(counter: list[int]):
+    """Sum the bytes of the distinct tensor storages that autograd saves inside the block."""
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                counter[0] += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+class HessianOperator(LinearOperator):
+    r"""Hessian of the mean training loss of ``model`` over ``data``, as a symmetric linear operator.
+
+    .. math::  H = \nabla^2_\theta\, \frac{1}{N}\sum_{(x, y)} \ell(f_\theta(x), y)
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean scalar loss
+            (``reduction="sum"`` losses are detected via their ``reduction`` attribute).
+        data: a ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, a one-shot
+            iterator (materialised once), or one ``(inputs, targets)`` batch. Inputs may be a
+            tensor, a tuple (passed positionally) or a dict (passed as keywords).
+        params: parameter names (or parameters) to differentiate with respect to, for layer
+            or block analysis; default: all with ``requires_grad``.
+        model_mode: ``"eval"`` (default: BatchNorm running statistics, dropout off) or
+            ``"train"`` (BatchNorm batch statistics, as in several papers; running statistics
+            are restored exactly; dropout is refused).
+        check_deterministic: on first use, evaluate loss and gradient twice and raise
+            :class:`hesd.errors.NonDeterministicError` if they differ.
+        hvp_method: ``"auto"``, ``"graph"``, ``"double_backward"`` or ``"func"`` (module docs).
+        memory_budget: bytes of first-order graphs ``"auto"`` may keep; default half the free
+            GPU memory or a quarter of free RAM.
+        process_group: a ``torch.distributed`` process group (or ``True`` for the default
+            group). Each rank passes its own shard of the data; products, loss and gradient
+            are all-reduced with sample-count weights, so every rank gets the Hessian of the
+            whole data set.
+
+    Attributes:
+        shape: ``(P, P)`` with ``P`` the number of selected parameters' entries.
+        dtype, device: those of the parameters.
+        num_matvecs: HVPs performed (one per column).
+        param_names: the names of the parameters, in the order of the flattened vector.
+
+    Notes:
+        Products are taken at the parameter values of the moment: if parameters change
+        in place (an optimiser step) the kept graphs are rebuilt on the next product.
+
+    Example:
+        >>> import torch, hesd
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> H = hesd.HessianOperator(model, torch.nn.functional.cross_entropy, (X, y))
+        >>> H.shape
+        (8, 8)
+        >>> v = torch.randn(8, dtype=torch.float64)
+        >>> torch.allclose(H @ v, hesd.exact_hessian(model, torch.nn.functional.cross_entropy, (X, y)) @ v)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        data: Any,
+        *,
+        params: Sequence[str] | Sequence[torch.Tensor] | None = None,
+        model_mode: str = "eval",
+        check_deterministic: bool = True,
+        hvp_method: str = "auto",
+        memory_budget: int | None = None,
+        process_group: Any = None,
+    ) -> None:
+        caller = "HessianOperator"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"{caller}: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if model_mode not in ("eval", "train"):
+            raise ValueError(f"{caller}: model_mode must be 'eval' or 'train', got {model_mode!r}")
+        if hvp_method not in _METHODS:
+            raise ValueError(f"{caller}: hvp_method must be one of {_METHODS}, got {hvp_method!r}")
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"{caller}: memory_budget must be a non-negative number of bytes")
+        if model_mode == "train" and hvp_method == "func":
+            raise ValueError(
+                f"{caller}: hvp_method='func' cannot run in model_mode='train' (BatchNorm updates its buffers in "
+                "place, which torch.func cannot trace); use hvp_method='auto' or 'double_backward'"
+            )
+        if model_mode == "train":
+            drop = [n for n, m in model.named_modules() if isinstance(m, _DROPOUT) and m.p > 0]
+            if drop:
+                raise ValueError(
+                    f"{caller}: model_mode='train' with active dropout {drop} makes Hessian-vector products random; "
+                    "use model_mode='eval' or set the dropout probability to 0"
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.model_mode = model_mode
+        self.check_deterministic = check_deterministic
+        self.hvp_method = hvp_method
+        self.memory_budget = memory_budget
+        self.param_names, self._params = _select_params(model, params, caller)
+        dtypes = {p.dtype for p in self._params}
+        devices = {p.device for p in self._params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(
+                f"{caller}: the selected parameters mix dtypes {sorted(map(str, dtypes))} or devices "
+                f"{sorted(map(str, devices))}; convert the model with model.to(dtype, device)"
+            )
+        if not self._params[0].is_floating_point():
+            raise TypeError(f"{caller}: parameters must be floating point, got {self._params[0].dtype}")
+        self.dtype = self._params[0].dtype
+        self.device = self._params[0].device
+        self._shapes = [p.shape for p in self._params]
+        self._numels = [p.numel() for p in self._params]
+        P = sum(self._numels)
+        self.shape = (P, P)
+        self._data = as_reiterable(data, caller)
+        if process_group is True:
+            process_group = torch.distributed.group.WORLD
+        self.process_group = process_group
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"{caller}: loss_fn has reduction={reduction!r}; use 'mean' (or 'sum')")
+        self._sum_reduction = reduction == "sum"
+        self.num_matvecs = 0
+        self._prepared = False
+
+    # ------------------------------------------------------------------ helpers
+    def _unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [c.view(s) for c, s in zip(torch.split(v, self._numels), self._shapes, strict=True)]
+
+    def _flatten(self, tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat(
+            [
+                (t if t is not None else torch.zeros(s, dtype=self.dtype, device=self.device)).reshape(-1)
+                for t, s in zip(tensors, self._shapes, strict=True)
+            ]
+        )
+
+    def _batches(self) -> Iterable[tuple[Any, Any, int]]:
+        for batch in self._data:
+            inputs, targets = split_batch(batch, "HessianOperator")
+            n = batch_size(inputs, targets)
+            if n == 0:
+                continue
+            yield to_device(inputs, self.device, self.dtype), to_device(targets, self.device, self.dtype), n
+
+    def _loss(self, inputs: Any, targets: Any, index: int) -> torch.Tensor:
+        loss = self.loss_fn(call_model(self.model, inputs), targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"HessianOperator: loss_fn must return a scalar tensor, got {shape}; use a loss with reduction='mean'"
+            )
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"HessianOperator: the loss is {loss.item()} on batch {index}; the checkpoint has diverged or the "
+                "data holds NaN/inf. Check the checkpoint and the inputs; curvature is undefined there"
+            )
+        return loss.reshape(())
+
+    def _grad(self, loss: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(
+            loss, self._params, create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+
+    def _weight(self, n: int) -> float:
+        return (1.0 if self._sum_reduction else float(n)) / self._num_samples
+
+    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.process_group is not None:
+            torch.distributed.all_reduce(t, group=self.process_group)
+        return t
+
+    def _versions(self) -> list[int]:
+        return [p._version for p in self._params]
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self) -> None:
+        """Count samples, evaluate loss and gradient, keep first-order graphs, check determinism.
+
+        Runs automatically before the first product; call it to pay the cost up front.
+        Raises the documented errors for empty data, non-scalar or non-finite loss, and
+        non-deterministic models or data.
+        """
+        budget = self.memory_budget if self.memory_budget is not None else _default_budget(self.device)
+        keep_graphs = self.hvp_method in ("auto", "graph")
+        unlimited = self.hvp_method == "graph"
+        self._cache: list[tuple[int, tuple[torch.Tensor, ...]]] = []
+        self._stored: list[tuple[Any, Any, int]] = []
+        self._stream = False
+        self.graph_bytes = 0
+        used = 0
+        losses: list[tuple[int, torch.Tensor]] = []
+        grads: list[tuple[int, torch.Tensor]] = []
+        with model_state(self.model, self.model_mode):
+            for index, (inputs, targets, n) in enumerate(self._batches()):
+                counter = [0]
+                want_graph = keep_graphs and not self._stream and (unlimited or used < budget)
+                with torch.enable_grad(), _count_saved_bytes(counter):
+                    loss = self._loss(inputs, targets, index)
+                    g = self._grad(loss, create_graph=want_graph)
+                if want_graph and (unlimited or used + counter[0] <= budget):
+                    self._cache.append((n, g))
+                    used += counter[0]
+                elif keep_graphs and not self._stream:
+                    used = budget  # no more graphs; remember the batch itself
+                    self._stored.append((inputs, targets, n))
+                    if sum(_nbytes(b) for b in self._stored) > budget:
+                        self._stream = True
+                        self._stored = []
+                losses.append((n, loss.detach()))
+                grads.append((n, self._flatten([t.detach() for t in g])))
+            if not losses:
+                raise ValueError("HessianOperator: data yielded no samples; pass a non-empty DataLoader or batch")
+            if self._stream:
+                # Batches do not fit: keep no partial cache (a reshuffling loader would mix samples).
+                self._cache = []
+                used = 0
+            self.graph_bytes = used
+            n_local = sum(n for n, _ in losses)
+            count = torch.tensor([float(n_local)], dtype=torch.float64, device=self.device)
+            self._num_samples = float(self._allreduce(count).item())
+            self._loss_value, self._gradient = self._reduce_loss_grad(losses, grads)
+            if self.check_deterministic:
+                self._check_determinism()
+        self._prepared = True
+        self._prepared_versions = self._versions()
+
+    def _reduce_loss_grad(self, losses, grads) -> tuple[float, torch.Tensor]:
+        loss = sum(self._weight(n) * v.to(torch.float64) for n, v in losses)
+        grad = sum(self._weight(n) * g for n, g in grads)
+        loss_t = self._allreduce(torch.as_tensor(loss, dtype=torch.float64, device=self.device).reshape(1))
+        return float(loss_t.item()), self._allreduce(grad)
+
+    def _check_determinism(self) -> None:
+        losses, grads = [], []
+        for index, (inputs, targets, n) in enumerate(self._batches()):
+            with torch.enable_grad():
+                loss = self._loss(inputs, targets, index)
+                g = self._grad(loss, create_graph=False)
+            losses.append((n, loss.detach()))
+            grads.append((n, self._flatten(g)))
+        loss2, grad2 = self._reduce_loss_grad(losses, grads)
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        scale = float(self._gradient.abs().max()) + 1e-30
+        gdiff = float((grad2 - self._gradient).abs().max()) / scale
+        ldiff = abs(loss2 - self._loss_value) / (abs(self._loss_value) + 1e-30)
+        if gdiff > tol or ldiff > tol or not math.isfinite(gdiff):
+            raise NonDeterministicError(
+                "HessianOperator: two passes over the same data gave different losses or gradients "
+                f"(relative difference {max(gdiff, ldiff):.2e}). Hessian-vector products would be random. "
+                "Common causes: dropout or BatchNorm in train mode (use model_mode='eval'), a DataLoader "
+                "with random augmentation or drop_last with shuffling (use a fixed, un-augmented loader). "
+                "Pass check_deterministic=False to skip this check."
+            )
+
+    def _ensure_prepared(self) -> None:
+        if not self._prepared or self._versions() != self._prepared_versions:
+            self.prepare()
+
+    # ------------------------------------------------------------------ public extras
+    @property
+    def num_samples(self) -> int:
+        """Number of samples in the data (all ranks together)."""
+        self._ensure_prepared()
+        return int(self._num_samples)
+
+    def loss(self) -> float:
+        """Mean loss over the data at the current parameters."""
+        self._ensure_prepared()
+        return self._loss_value
+
+    def gradient(self) -> torch.Tensor:
+        """Flattened gradient of the mean loss over the data."""
+        self._ensure_prepared()
+        return self._gradient.clone()
+
+    def params_vector(self) -> torch.Tensor:
+        """The selected parameters, flattened in operator order."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    # ------------------------------------------------------------------ products
+    def _hvp_graph(self, grads: tuple[torch.Tensor, ...], V: torch.Tensor, w: float, out: torch.Tensor) -> None:
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if not live:
+            return  # gradient independent of the parameters: this batch's Hessian is zero
+        for j in range(V.shape[1]):
+            chunks = self._unflatten(V[:, j] * w)
+            hv = torch.autograd.grad(
+                [grads[i] for i in live],
+                self._params,
+                grad_outputs=[chunks[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            out[:, j] += self._flatten(hv)
+
+    def _hvp_func(self, inputs: Any, targets: Any, V: torch.Tensor, w: float, out: torch.Tensor) -> None:
+        primals = {n: p.detach() for n, p in zip(self.param_names, self._params, strict=True)}
+
+        def loss_of(pd: dict[str, torch.Tensor]) -> torch.Tensor:
+            if isinstance(inputs, dict):
+                output = functional_call(self.model, pd, (), inputs)
+            elif isinstance(inputs, (tuple, list)):
+                output = functional_call(self.model, pd, tuple(inputs))
+            else:
+                output = functional_call(self.model, pd, (inputs,))
+            return self.loss_fn(output, targets)
+
+        grad_fn = torch.func.grad(loss_of)
+        for j in range(V.shape[1]):
+            tangents = dict(zip(self.param_names, self._unflatten(V[:, j] * w), strict=True))
+            _, hv = torch.func.jvp(grad_fn, (primals,), (tangents,))
+            out[:, j] += self._flatten([hv[n] for n in self.param_names])
+
+    def _recompute(self, inputs: Any, targets: Any, n: int, V: torch.Tensor, out: torch.Tensor, index: int) -> None:
+        w = self._weight(n)
+        # Measured (benchmarks/hvp.py): forward-over-reverse beats recomputed double backward;
+        # in train mode BatchNorm updates buffers in place, which torch.func cannot trace.
+        if self.hvp_method == "func" or (self.hvp_method == "auto" and self.model_mode == "eval"):
+            with torch.enable_grad():
+                self._hvp_func(inputs, targets, V, w, out)
+            return
+        with torch.enable_grad():
+            g = self._grad(self._loss(inputs, targets, index), create_graph=True)
+            self._hvp_graph(g, V, w, out)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._ensure_prepared()
+        out = torch.zeros_like(V)
+        with torch.enable_grad():
+            for n, g in self._cache:
+                self._hvp_graph(g, V, self._weight(n), out)
+        if self._stream or not self._cache or self._stored:
+            with model_state(self.model, self.model_mode):
+                if self._stream or (not self._cache and not self._stored):
+                    for index, (inputs, targets, n) in enumerate(self._batches()):
+                        self._recompute(inputs, targets, n, V, out, index)
+                else:
+                    for index, (inputs, targets, n) in enumerate(self._stored):
+                        self._recompute(inputs, targets, n, V, out, len(self._cache) + index)
+        self.num_matvecs += V.shape[1]
+        return self._allreduce(out)
+
+
+def exact_hessian(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    data: Any,
+    *,
+    params: Sequence[str] | None = None,
+    model_mode: str = "eval",
+    chunk: int = 64,
+) -> torch.Tensor:
+    r"""The dense ``P × P`` Hessian of the mean loss, one block of columns at a time.
+
+    Computed as :math:`H = H I` with :class:`HessianOperator` (double backward), so it is
+    exact to rounding. Memory is :math:`P^2` entries: meant for small models and tests.
+
+    Args:
+        model, loss_fn, data, params, model_mode: as for :class:`HessianOperator`.
+        chunk: number of identity columns per pass over the data.
+
+    Example:
+        >>> import torch, hesd
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> X, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        >>> H = hesd.exact_hessian(model, torch.nn.functional.mse_loss, (X, y))
+        >>> H.shape, bool(torch.allclose(H, H.T))
+        (torch.Size([3, 3]), True)
+    """
+    op = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        model_mode=model_mode,
+        check_deterministic=False,
+        hvp_method="double_backward",
+    )
+    P = op.shape[0]
+    H = torch.empty(P, P, dtype=op.dtype, device=op.device)
+    eye = torch.eye(P, dtype=op.dtype, device=op.device)
+    for start in range(0, P, chunk):
+        H[:, start : start + chunk] = op @ eye[:, start : start + chunk]
+    return H

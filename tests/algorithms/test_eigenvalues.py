@@ -1,0 +1,144 @@
+"""Lanczos eigenvalues and power iteration against dense eigensolvers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+import torch
+
+import hesd
+from helpers import make_case, random_symmetric
+from hesd.algorithms import lanczos
+
+CE = torch.nn.functional.cross_entropy
+
+
+def _indefinite(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eigs = torch.cat([torch.linspace(-3, 10, n - 3, dtype=torch.float64), torch.tensor([-7.0, 25.0, 40.0])])
+    eigs = eigs[torch.randperm(n, generator=g)]
+    return random_symmetric(n, eigs, seed), torch.sort(eigs).values
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM"])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_eigenvalues_match_eigvalsh(which, k):
+    A, eigs = _indefinite(seed=k)
+    res = hesd.eigenvalues(A, k=k, which=which, tol=1e-10, seed=3, return_eigenvectors=True)
+    assert res.converged
+    if which == "LA":
+        ref = eigs.flip(0)[:k]
+    elif which == "SA":
+        ref = eigs[:k]
+    elif which == "BE":
+        ref = torch.cat([eigs[: k // 2], eigs[len(eigs) - (k - k // 2) :]])
+    else:
+        ref = eigs[torch.argsort(eigs.abs(), descending=True)][:k]
+    assert torch.allclose(res.eigenvalues, ref, atol=1e-8), (res.eigenvalues, ref)
+    V = res.eigenvectors
+    assert torch.allclose(A @ V, V * res.eigenvalues, atol=1e-6)
+    assert (res.residuals <= 1e-10 * 40 + 1e-12).all()
+
+
+def test_eigenvalues_with_restarts_small_basis():
+    A, eigs = _indefinite(n=300, seed=4)
+    res = hesd.eigenvalues(A, k=4, which="LA", tol=1e-9, max_basis=12, max_matvecs=5000)
+    assert res.converged and res.info["restarts"] > 0
+    assert torch.allclose(res.eigenvalues, eigs.flip(0)[:4], atol=1e-7)
+
+
+def test_eigenvalues_repeated():
+    eigs = torch.tensor([5.0, 5.0, 5.0, 2.0, 1.0, 1.0, -3.0, -3.0] + [0.5] * 40, dtype=torch.float64)
+    A = random_symmetric(len(eigs), eigs, seed=5)
+    res = hesd.eigenvalues(A, k=3, which="LA", tol=1e-10)
+    # A single Krylov space sees each distinct eigenvalue once; restarts with fresh vectors find copies.
+    assert torch.allclose(res.eigenvalues[0], torch.tensor(5.0, dtype=torch.float64), atol=1e-9)
+    assert res.converged
+    lo = hesd.eigenvalues(A, k=1, which="SA", tol=1e-10)
+    assert abs(float(lo.eigenvalues[0]) + 3.0) < 1e-9
+
+
+def test_eigenvalues_full_dimension_and_k_equals_n():
+    A, eigs = _indefinite(n=10, seed=6)
+    res = hesd.eigenvalues(A, k=10, which="SA", tol=1e-12)
+    assert torch.allclose(res.eigenvalues, eigs, atol=1e-10)
+
+
+def test_eigenvalues_accepts_scipy_and_numpy_and_hessian_operator():
+    A, eigs = _indefinite(n=60, seed=7)
+    for obj in (A.numpy(), spla.aslinearoperator(A.numpy())):
+        r = hesd.eigenvalues(obj, k=2, which="BE", tol=1e-10)
+        assert np.allclose(r.eigenvalues.numpy(), [eigs[0], eigs[-1]], atol=1e-8)
+    model, batches, _ = make_case("attention", seed=1)
+    H = hesd.exact_hessian(model, CE, batches)
+    ev = torch.linalg.eigvalsh(H)
+    op = hesd.HessianOperator(model, CE, batches)
+    r = hesd.eigenvalues(op, k=2, which="BE", tol=1e-10)
+    assert torch.allclose(r.eigenvalues, torch.stack([ev[0], ev[-1]]), atol=1e-9)
+
+
+def test_eigenvalues_seed_reproducible():
+    A, _ = _indefinite(n=200, seed=8)
+    r1 = hesd.eigenvalues(A, k=3, tol=1e-3, seed=11)
+    r2 = hesd.eigenvalues(A, k=3, tol=1e-3, seed=11)
+    assert torch.equal(r1.eigenvalues, r2.eigenvalues) and r1.num_matvecs == r2.num_matvecs
+
+
+def test_eigenvalues_not_converged_warns():
+    A, _ = _indefinite(n=400, seed=9)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        r = hesd.eigenvalues(A, k=3, tol=1e-14, max_matvecs=5)
+    assert not r.converged and r.num_matvecs == 5
+
+
+def test_eigenvalues_errors():
+    A = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="eigenvalues: k=5 is larger than the operator's dimension 4"):
+        hesd.eigenvalues(A, k=5)
+    with pytest.raises(ValueError, match="which must be one of"):
+        hesd.eigenvalues(A, which="XX")
+    with pytest.raises(ValueError, match="k must be an integer"):
+        hesd.eigenvalues(A, k=0)
+    with pytest.raises(TypeError, match="eigenvalues: expected"):
+        hesd.eigenvalues("matrix")
+    with pytest.raises(ValueError, match="square"):
+        hesd.eigenvalues(torch.ones(3, 4))
+
+
+def test_power_iteration_matches_largest_magnitude():
+    eigs = torch.cat([torch.linspace(-1, 1, 50, dtype=torch.float64), torch.tensor([-9.0, 6.0, 4.0])])
+    A = random_symmetric(len(eigs), eigs, seed=10)
+    r = hesd.power_iteration(A, k=3, tol=1e-10, max_iter=5000)
+    assert r.converged
+    assert torch.allclose(r.eigenvalues, torch.tensor([-9.0, 6.0, 4.0], dtype=torch.float64), atol=1e-8)
+
+
+def test_power_iteration_warns_when_magnitudes_tie():
+    A = torch.diag(torch.tensor([5.0, -5.0] + [0.1] * 10, dtype=torch.float64))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = hesd.power_iteration(A, k=1, tol=1e-8, max_iter=50)
+    assert not r.converged and any("not all" in str(x.message) for x in w)
+
+
+def test_lanczos_breakdown_on_invariant_subspace():
+    eigs = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    A = torch.diag(eigs)
+    v0 = torch.tensor([1.0, 1.0, 1.0, 0, 0, 0], dtype=torch.float64)
+    res = lanczos(A, v0, 6)
+    assert res.broke_down and len(res.alpha) == 3
+    theta = torch.linalg.eigvalsh(torch.diag(res.alpha) + torch.diag(res.beta, 1) + torch.diag(res.beta, -1))
+    assert torch.allclose(theta, eigs[:3], atol=1e-12)
+
+
+def test_lanczos_errors():
+    A = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-zero"):
+        lanczos(A, torch.zeros(3, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match="reorth"):
+        lanczos(A, torch.ones(3, dtype=torch.float64), 2, reorth="some")
+    with pytest.raises(ValueError, match="window"):
+        lanczos(A, torch.ones(3, dtype=torch.float64), 2, reorth="window")

@@ -1,0 +1,126 @@
+"""SLQ, Spectrum and trace estimators against exact spectra and traces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hesd
+from helpers import make_case, random_symmetric
+
+CE = torch.nn.functional.cross_entropy
+
+
+def test_slq_with_full_steps_reproduces_exact_spectrum(case):
+    name, model, batches, _ = case
+    H = hesd.exact_hessian(model, CE, batches)
+    ev = torch.linalg.eigvalsh(H).numpy()
+    P = H.shape[0]
+    op = hesd.HessianOperator(model, CE, batches)
+    spec = hesd.slq(op, num_steps=P, num_probes=2, seed=0)
+    for v, w in zip(spec.values, spec.weights, strict=True):
+        assert abs(w.sum() - 1) < 1e-12
+        # Every Ritz value is an eigenvalue, and the extremes are found.
+        assert np.abs(v[:, None] - ev[None, :]).min(axis=1).max() < 1e-8 * max(1, np.abs(ev).max()), name
+        assert abs(v[0] - ev[0]) < 1e-8 and abs(v[-1] - ev[-1]) < 1e-8
+    assert spec.dim == P and abs(spec.trace - float(torch.trace(H))) < 5 * abs(ev).sum() / np.sqrt(2)
+
+
+def test_slq_exact_on_distinct_spectrum():
+    eigs = torch.linspace(-2, 5, 40, dtype=torch.float64)
+    A = random_symmetric(40, eigs, seed=1)
+    spec = hesd.slq(A, num_steps=40, num_probes=3, seed=2)
+    for v, w in zip(spec.values, spec.weights, strict=True):
+        assert np.allclose(v, eigs.numpy(), atol=1e-9)
+        assert abs(w.sum() - 1) < 1e-12
+    # Quadrature is exact for polynomials: moments equal tr(A^k)/n averaged over probes' v^T A^k v.
+    assert abs(spec.moment(0) - 1) < 1e-12
+
+
+def test_slq_extremes_converge_from_inside():
+    eigs = torch.cat([torch.linspace(-1, 3, 497, dtype=torch.float64), torch.tensor([-4.0, 8.0, 12.0])])
+    A = random_symmetric(500, eigs, seed=3)
+    prev_lo, prev_hi = np.inf, -np.inf
+    for steps in (5, 10, 20, 40, 80):
+        s = hesd.slq(A, num_steps=steps, num_probes=1, seed=4)
+        assert s.lambda_max <= 12 + 1e-9 and s.lambda_min >= -4 - 1e-9  # interlacing: from inside
+        assert s.lambda_max >= prev_hi - 1e-9 and s.lambda_min <= prev_lo + 1e-9  # monotone
+        prev_lo, prev_hi = s.lambda_min, s.lambda_max
+    assert abs(prev_hi - 12) < 1e-6 and abs(prev_lo + 4) < 1e-6
+
+
+def test_slq_breakdown_handled():
+    A = torch.diag(torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 3.0], dtype=torch.float64))
+    spec = hesd.slq(A, num_steps=6, num_probes=2)
+    assert all(spec.broke_down)
+    for v, w in zip(spec.values, spec.weights, strict=True):
+        assert np.allclose(v, [1, 2, 3], atol=1e-12)
+        assert np.allclose(w, [0.5, 1 / 3, 1 / 6], atol=1e-12)  # Rademacher: weight = multiplicity / n
+
+
+def test_slq_seed_reproducible_and_probes_differ():
+    A = random_symmetric(60, torch.linspace(-1, 1, 60), seed=5)
+    s1, s2 = hesd.slq(A, 10, 2, seed=7), hesd.slq(A, 10, 2, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(s1.values, s2.values, strict=True))
+    assert not np.array_equal(s1.values[0], s1.values[1])
+    assert not np.array_equal(s1.values[0], hesd.slq(A, 10, 1, seed=8).values[0])
+
+
+@pytest.mark.parametrize(
+    ("reorth", "kw"), [("full", {}), ("full", {"basis_dtype": torch.float32}), ("window", {"window": 5}), ("none", {})]
+)
+def test_slq_memory_modes(reorth, kw):
+    eigs = torch.cat([torch.linspace(0, 1, 396, dtype=torch.float64), torch.tensor([-2.0, 5.0, 6.0, 7.0])])
+    A = random_symmetric(400, eigs, seed=6)
+    s = hesd.slq(A, num_steps=60, num_probes=1, seed=1, reorth=reorth, **kw)
+    assert abs(s.lambda_max - 7) < 1e-4 and abs(s.lambda_min + 2) < 1e-3
+    assert abs(s.weights[0].sum() - 1) < 1e-9
+
+
+def test_spectrum_density_integrates_to_one_and_from_ritz():
+    s = hesd.Spectrum.from_ritz([[-1.0, 0.0, 3.0], [2.0, 4.0]], [[0.2, 0.5, 0.3], [0.6, 0.4]], dim=5)
+    t, d = s.density(np.linspace(-10, 15, 20001), sigma=0.3)
+    assert abs(np.trapezoid(d, t) - 1) < 1e-6
+    assert s.lambda_min == -1 and s.lambda_max == 4
+    assert abs(s.moment(1) - (0.5 * (-0.2 + 0.9) + 0.5 * (1.2 + 1.6))) < 1e-12
+    assert hesd.Spectrum.from_dict(s.to_dict()).to_dict() == s.to_dict()
+    single = hesd.Spectrum.from_ritz([1.0, 2.0], [0.5, 0.5])
+    assert single.num_probes == 1
+    with pytest.raises(ValueError, match="probe 0 has 2 values and 1 weights"):
+        hesd.Spectrum.from_ritz([[1.0, 2.0]], [[1.0]])
+    with pytest.raises(ValueError, match="dimension is unknown"):
+        _ = single.trace
+
+
+def test_trace_estimators_converge_within_standard_error():
+    eigs = torch.cat([torch.logspace(-3, 0, 290, dtype=torch.float64), torch.linspace(5, 50, 10, dtype=torch.float64)])
+    A = random_symmetric(300, eigs, seed=8)
+    true = float(eigs.sum())
+    for method in ("hutchinson", "hutchpp"):
+        errs, ses = [], []
+        for seed in range(8):
+            r = hesd.trace(A, method=method, num_matvecs=60, seed=seed)
+            errs.append(r.estimate - true)
+            ses.append(r.stderr)
+        z = np.abs(errs) / np.array(ses)
+        assert np.mean(z <= 3) >= 0.85, (method, z)
+    # Hutch++ uses its products better on a decaying spectrum.
+    e_h = np.mean([abs(hesd.trace(A, "hutchinson", 90, seed=s).estimate - true) for s in range(8)])
+    e_pp = np.mean([abs(hesd.trace(A, "hutchpp", 90, seed=s).estimate - true) for s in range(8)])
+    assert e_pp < e_h / 3
+    # More products, smaller error.
+    big = hesd.trace(A, "hutchpp", 600, seed=0)
+    assert abs(big.estimate - true) < 3 * big.stderr and big.stderr < 0.5 * hesd.trace(A, "hutchpp", 60).stderr
+
+
+def test_trace_on_hessian_operator_and_errors():
+    model, batches, _ = make_case("cnn", seed=2)
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches)
+    r = hesd.trace(op, "hutchpp", num_matvecs=op.shape[0] * 3)  # sketch spans everything: exact
+    assert abs(r.estimate - float(torch.trace(H))) < 1e-8
+    with pytest.raises(ValueError, match="method must be"):
+        hesd.trace(H, method="xtrace")
+    with pytest.raises(ValueError, match="hutchpp needs num_matvecs >= 3"):
+        hesd.trace(H, num_matvecs=2)
