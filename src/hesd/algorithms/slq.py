@@ -78,7 +78,7 @@ def slq(
         >>> import torch, hesd
         >>> A = torch.diag(torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float64))
         >>> spec = hesd.slq(A, num_steps=4, num_probes=2, seed=0)
-        >>> [round(x, 10) for x in spec.values[0]]
+        >>> spec.values[0].round(10).tolist()
         [-1.0, 0.5, 2.0, 3.0]
     """
     caller = "slq"

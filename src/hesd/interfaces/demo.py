@@ -18,7 +18,7 @@ def text_histogram(spectrum: hesd.Spectrum, bins: int = 24, width: int = 50) -> 
     logd = np.log10(np.maximum(d, 1e-12))
     lo = logd.min()
     span = max(logd.max() - lo, 1e-12)
-    lines = [f"{x:>10.4g} | " + "#" * max(1, int(round(width * (v - lo) / span))) for x, v in zip(t, logd, strict=True)]
+    lines = [f"{x:>10.4g} | " + "#" * max(1, round(width * (v - lo) / span)) for x, v in zip(t, logd, strict=True)]
     return "\n".join(lines)
 
 

@@ -1,0 +1,221 @@
+"""Finding, ordering, fingerprinting and safely loading checkpoints.
+
+Formats: PyTorch state dicts (``.pt``, ``.pth``, ``.bin``) loaded with
+``torch.load(weights_only=True)`` — an arbitrary pickle is refused, never executed —
+``.safetensors``, and Lightning ``.ckpt`` files (``state_dict`` inside; a ``model.``-style
+prefix is stripped). Dicts with a ``state_dict``, ``model_state_dict`` or ``model`` entry
+(common in hand-written loops) are unwrapped.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, InsecureCheckpointError
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "CheckpointInfo",
+    "apply_state_dict",
+    "discover_checkpoints",
+    "load_state_dict",
+    "parse_epoch",
+    "sha256_file",
+]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_EPOCH_RE = re.compile(r"(?:epoch|step|ep|iter|it|global_step)[=_\-]?(\d+)", re.IGNORECASE)
+_NUM_RE = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint file and its position in the series."""
+
+    path: Path
+    epoch: int | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def parse_epoch(name: str) -> int | None:
+    """Epoch or step parsed from a file name: ``epoch_012.pt`` → 12, ``step=300.ckpt`` → 300.
+
+    Falls back to the last number in the stem; ``None`` when there is none.
+    """
+    stem = Path(name).name
+    for suffix in CHECKPOINT_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    m = _EPOCH_RE.search(stem)
+    if m:
+        return int(m.group(1))
+    m = _NUM_RE.search(stem)
+    return int(m.group(1)) if m else None
+
+
+def discover_checkpoints(
+    sources: str | Path | Iterable[str | Path], epochs: Iterable[int] | None = None
+) -> list[CheckpointInfo]:
+    """Expand files, folders and glob patterns into checkpoints ordered by epoch, then name.
+
+    Args:
+        sources: paths, folders (their checkpoint files, not recursive) or glob patterns.
+        epochs: explicit epochs, one per checkpoint in the order given (no sorting then).
+
+    Raises:
+        FileNotFoundError: a source matches nothing, or no checkpoint is found at all.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    found: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
+            if not files:
+                raise FileNotFoundError(
+                    f"discover_checkpoints: folder {p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})"
+                )
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(src)))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise FileNotFoundError(f"discover_checkpoints: {src} is not a file or folder and matches nothing")
+            found.extend(matches)
+    unique = list(dict.fromkeys(f.resolve() for f in found))
+    if epochs is not None:
+        epochs = list(epochs)
+        if len(epochs) != len(unique):
+            raise ValueError(f"discover_checkpoints: {len(epochs)} epochs given for {len(unique)} checkpoints")
+        return [CheckpointInfo(p, int(e)) for p, e in zip(unique, epochs, strict=True)]
+    infos = [CheckpointInfo(p, parse_epoch(p.name)) for p in unique]
+    return sorted(infos, key=lambda c: (c.epoch is None, c.epoch if c.epoch is not None else 0, c.name))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (the checkpoint's fingerprint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):  # pragma: no cover - only reachable with trust_pickle
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict; save model.state_dict()")
+    for key in ("state_dict", "model_state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found; expected a state dict (or a dict with 'state_dict')")
+    return tensors
+
+
+def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's tensors on the CPU, safely.
+
+    Args:
+        path: ``.pt``/``.pth``/``.bin``/``.ckpt`` (PyTorch) or ``.safetensors``.
+        trust_pickle: allow arbitrary unpickling (executes code from the file!). Only for
+            files you created yourself; default ``False``.
+
+    Raises:
+        InsecureCheckpointError: the file needs arbitrary unpickling.
+        CheckpointError: the file is truncated, corrupt or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Weights only load failed" in msg or "weights_only" in msg:
+            raise InsecureCheckpointError(
+                f"{path}: refused to load: the file contains pickled Python objects that would run code when "
+                "loaded (torch.load(weights_only=True) rejected it). Re-save it as a plain state dict "
+                "(torch.save(model.state_dict(), ...)) or as .safetensors; if you created it yourself and trust "
+                "it, pass trust_pickle=True (CLI: --trust-pickle)"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt checkpoint ({msg.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first}); re-save or remove it") from None
+    return _unwrap(obj, path)
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    if set(sd) & expected:
+        return sd
+    for key in sd:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i]) + "."
+            stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            if stripped and set(stripped) >= expected - {k for k in expected if k.endswith("num_batches_tracked")}:
+                return stripped
+        break
+    return sd
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:
+    """Load ``state`` into ``model`` after checking names and shapes; list every mismatch.
+
+    A Lightning-style prefix (``model.``, ``net.``, ``module.``) is stripped when the bare
+    names do not match.
+    """
+    own = model.state_dict()
+    state = _strip_prefix(state, set(own))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(
+                f"missing from the checkpoint: {', '.join(missing[:10])}" + (" …" if len(missing) > 10 else "")
+            )
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:10])}" + (" …" if len(unexpected) > 10 else ""))
+        if shapes:
+            parts.append("shape mismatches: " + "; ".join(shapes[:10]))
+        raise CheckpointError(
+            f"{path}: does not match the model ({'; '.join(parts)}). Check that the model factory builds the "
+            "architecture the checkpoint was trained with"
+        )
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)

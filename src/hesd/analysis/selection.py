@@ -1,0 +1,222 @@
+"""Quasi-singular (QS) detection over a series, and checkpoint selection rules.
+
+Every rule validates its settings at construction and returns a :class:`Selection` —
+the chosen checkpoint (or ``None``) *and the reason* — in the manner of Lightning's
+``EarlyStopping``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..algorithms.spectrum import Spectrum
+from .criteria import zero_mass
+
+__all__ = [
+    "BestHeldout",
+    "HighestCtAmongMP",
+    "QSRule",
+    "Selection",
+    "SelectionRule",
+    "SmallestLambdaMax",
+    "default_rules",
+    "select_all",
+]
+
+
+@dataclass(frozen=True)
+class QSRule:
+    r"""When is a checkpoint's HESD quasi-singular (QS)?
+
+    No formula is published (arXiv 2504.17618 describes eigenvalues collapsing toward
+    zero with excessive training, λmax falling with no gain in generalisation). hesd's
+    explicit, configurable rule: checkpoint :math:`t` is QS when all three hold, with
+    peaks taken over the checkpoints up to and including :math:`t` (so the flag never
+    depends on the future):
+
+    1. :math:`\lambda_{\max}(t) \le` ``lambda_frac`` × peak :math:`\lambda_{\max}`;
+    2. spectral width :math:`\lambda_{\max} - \lambda_{\min} \le` ``width_frac`` × peak width;
+    3. the share of spectral mass with :math:`|\lambda| \le` ``band_frac`` × peak
+       :math:`\lambda_{\max}` is at least ``mass_level``.
+
+    The raw quantities (``lambda_max``, ``width``, ``qs_zero_mass``, ``qs_lambda_ratio``,
+    ``qs_width_ratio``) are exposed in the results table so users can apply their own rule.
+    """
+
+    lambda_frac: float = 0.5
+    width_frac: float = 0.5
+    mass_level: float = 0.9
+    band_frac: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_frac", "width_frac", "mass_level", "band_frac"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"QSRule: {name} must be in (0, 1], got {v!r}")
+
+    def apply(
+        self, lambda_max: Sequence[float], width: Sequence[float], spectra: Sequence[Spectrum]
+    ) -> list[dict[str, float | bool | str]]:
+        """Per checkpoint (in series order): the QS quantities, the flag and the reason."""
+        out = []
+        peak_l, peak_w = -math.inf, -math.inf
+        for lmax, wid, spec in zip(lambda_max, width, spectra, strict=True):
+            peak_l, peak_w = max(peak_l, lmax), max(peak_w, wid)
+            lr = lmax / peak_l if peak_l > 0 else math.nan
+            wr = wid / peak_w if peak_w > 0 else math.nan
+            mass = zero_mass(spec, self.band_frac * peak_l) if peak_l > 0 else math.nan
+            flag = bool(lr <= self.lambda_frac and wr <= self.width_frac and mass >= self.mass_level)
+            reason = (
+                f"λmax at {lr:.0%} of its peak (≤ {self.lambda_frac:.0%}), "
+                f"width at {wr:.0%} (≤ {self.width_frac:.0%}), "
+                f"{mass:.0%} of spectral mass within ±{self.band_frac:g}·peak λmax (≥ {self.mass_level:.0%})"
+            )
+            out.append(
+                {"qs_lambda_ratio": lr, "qs_width_ratio": wr, "qs_zero_mass": mass, "qs_flag": flag,
+                 "qs_reason": reason if flag else ""}
+            )  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A rule's decision: the chosen checkpoint (``None`` if it declines) and why."""
+
+    rule: str
+    checkpoint: str | None
+    epoch: int | None
+    reason: str
+
+    def __iter__(self):  # allows ``decision, reason = rule.select(table)``
+        yield self.checkpoint
+        yield self.reason
+
+
+class SelectionRule:
+    """Base class: ``select(table) -> Selection`` on an analysis results table."""
+
+    name = "rule"
+
+    def __init__(self, skip_initial: bool = True) -> None:
+        if not isinstance(skip_initial, bool):
+            raise TypeError(f"{type(self).__name__}: skip_initial must be a bool")
+        self.skip_initial = skip_initial
+
+    def candidates(self, table: pd.DataFrame) -> pd.DataFrame:
+        t = table[table["status"] == "ok"] if "status" in table else table
+        if self.skip_initial and "epoch" in t:
+            t = t[~(t["epoch"] == 0)]
+        return t
+
+    def select(self, table: pd.DataFrame) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _pick(rule: str, row: pd.Series, reason: str) -> Selection:
+        epoch = row.get("epoch")
+        epoch = None if epoch is None or (isinstance(epoch, float) and math.isnan(epoch)) else int(epoch)
+        return Selection(rule, str(row["checkpoint"]), epoch, reason)
+
+
+class HighestCtAmongMP(SelectionRule):
+    """The paper's rule: among mainly-positive checkpoints (Ct > threshold), the highest Ct.
+
+    Args:
+        ct_threshold: MP threshold (default −0.6).
+        exclude_qs: also skip checkpoints flagged quasi-singular.
+        skip_initial: ignore epoch 0 (the initialisation is not a trained model).
+
+    When no checkpoint is MP the rule declines (``checkpoint=None``): curvature-based
+    selection does not apply to MN-HESDs.
+    """
+
+    name = "highest_ct_mp"
+
+    def __init__(self, ct_threshold: float = -0.6, exclude_qs: bool = False, skip_initial: bool = True) -> None:
+        super().__init__(skip_initial)
+        if not (isinstance(ct_threshold, (int, float)) and -math.inf < ct_threshold <= 0):
+            raise ValueError(f"HighestCtAmongMP: ct_threshold must be a number ≤ 0, got {ct_threshold!r}")
+        self.ct_threshold = float(ct_threshold)
+        self.exclude_qs = exclude_qs
+
+    def select(self, table: pd.DataFrame) -> Selection:
+        t = self.candidates(table)
+        if t.empty:
+            return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
+        mp = t[t["ct"] > self.ct_threshold]
+        if self.exclude_qs and "qs_flag" in mp:
+            mp = mp[~mp["qs_flag"].astype(bool)]
+        if mp.empty:
+            return Selection(
+                self.name, None, None,
+                f"no checkpoint is mainly positive (every Ct ≤ {self.ct_threshold}, best {t['ct'].max():.3f}): "
+                "the HESDs are MN, so curvature-based selection does not apply; choose on held-out data instead",
+            )  # fmt: skip
+        row = mp.loc[mp["ct"].idxmax()]
+        return self._pick(
+            self.name, row,
+            f"highest Ct = {row['ct']:.4f} among {len(mp)} MP checkpoint(s) (Ct > {self.ct_threshold}) of {len(t)}",
+        )  # fmt: skip
+
+
+class SmallestLambdaMax(SelectionRule):
+    """The classic baseline: the flattest checkpoint, smallest λmax."""
+
+    name = "smallest_lambda_max"
+
+    def select(self, table: pd.DataFrame) -> Selection:
+        t = self.candidates(table)
+        if t.empty:
+            return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
+        row = t.loc[t["lambda_max"].idxmin()]
+        return self._pick(self.name, row, f"smallest λmax = {row['lambda_max']:.5g} of {len(t)} checkpoints")
+
+
+class BestHeldout(SelectionRule):
+    """The oracle: best held-out metric (only when held-out metrics were recorded)."""
+
+    name = "best_heldout"
+
+    def __init__(self, metric: str = "heldout_accuracy", mode: str = "max", skip_initial: bool = True) -> None:
+        super().__init__(skip_initial)
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestHeldout: mode must be 'max' or 'min', got {mode!r}")
+        self.metric, self.mode = metric, mode
+
+    def select(self, table: pd.DataFrame) -> Selection:
+        t = self.candidates(table)
+        if self.metric not in t or t[self.metric].isna().all():
+            return Selection(self.name, None, None, f"no {self.metric} recorded (pass held-out data)")
+        t = t[t[self.metric].notna()]
+        idx = t[self.metric].idxmax() if self.mode == "max" else t[self.metric].idxmin()
+        row = t.loc[idx]
+        return self._pick(self.name, row, f"{'highest' if self.mode == 'max' else 'lowest'} {self.metric} = "
+                          f"{row[self.metric]:.4f}")  # fmt: skip
+
+
+def default_rules(ct_threshold: float = -0.6) -> list[SelectionRule]:
+    """The paper's rule, the classic baseline and the held-out oracle."""
+    return [HighestCtAmongMP(ct_threshold), SmallestLambdaMax(), BestHeldout()]
+
+
+def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str, dict]:
+    """Apply each rule; when held-out accuracy is present, report each pick's gap to the best."""
+    out: dict[str, dict] = {}
+    best = None
+    if "heldout_accuracy" in table and table["heldout_accuracy"].notna().any():
+        ok = table[table.get("status", "ok") == "ok"] if "status" in table else table
+        best = float(np.nanmax(ok["heldout_accuracy"])) if len(ok) else None
+    for rule in rules:
+        sel = rule.select(table)
+        entry = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch, "reason": sel.reason}
+        if best is not None and sel.checkpoint is not None:
+            acc = float(table.loc[table["checkpoint"] == sel.checkpoint, "heldout_accuracy"].iloc[0])
+            entry["heldout_accuracy"] = acc
+            entry["gap_to_best"] = best - acc
+        out[sel.rule] = entry
+    return out
