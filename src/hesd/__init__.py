@@ -21,7 +21,18 @@ from .analysis import (
     criteria,
 )
 from .errors import CheckpointError, HesdError, InsecureCheckpointError, NonDeterministicError, NonFiniteLossError
+from .interfaces.monitor import Monitor
 from .operators import HessianOperator, LinearOperator, exact_hessian
+
+
+def __getattr__(name: str):
+    # The framework callbacks import Lightning / transformers, which is slow: load on first use.
+    if name in ("HesdLightningCallback", "HesdTrainerCallback"):
+        from .interfaces import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'hesd' has no attribute {name!r}")
+
 
 __all__ = [
     "AnalysisSettings",
@@ -30,10 +41,13 @@ __all__ = [
     "Criteria",
     "EigenResult",
     "HesdError",
+    "HesdLightningCallback",
+    "HesdTrainerCallback",
     "HessianOperator",
     "HighestCtAmongMP",
     "InsecureCheckpointError",
     "LinearOperator",
+    "Monitor",
     "NonDeterministicError",
     "NonFiniteLossError",
     "QSRule",

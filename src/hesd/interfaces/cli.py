@@ -1,24 +1,321 @@
-"""The ``hesd`` command line."""
+"""The ``hesd`` command line (Typer).
+
+Exit codes: 0 success; 1 some checkpoints could not be analysed (the others are stored and
+reported); 2 bad input (unknown ``module:factory``, a factory that raises, no checkpoints,
+an unwritable or mismatched output folder, a corrupt single checkpoint).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hessian eigenvalue spectral density (HESD) tools.")
+from .._version import __version__
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="hesd: the Hessian eigenvalue spectral density (HESD) of PyTorch networks, and the decisions it supports. "
+    "Exit codes: 0 success, 1 some checkpoints failed (the rest is kept), 2 bad input.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hesd {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Hessian eigenvalue spectral density (HESD) tools."""
 
 
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(_clean(obj), indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------------------ demo
 @app.command()
-def demo() -> None:
-    """Train a small network on the bundled digits data and print its HESD summary."""
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, results and the report.")] = Path(
+        "hesd-demo"
+    ),
+    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 16,
+    quick: Annotated[bool, typer.Option("--quick", help="A shorter run (tests, smoke checks).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the selections as JSON.")] = False,
+) -> None:
+    """Train two short runs on the bundled digits data (SGD with momentum, and with aggressive gradient
+    clipping), analyse both checkpoint series and write the HTML report. No arguments needed."""
     from .demo import run_demo
 
-    run_demo()
+    try:
+        result = run_demo(out, epochs=4 if quick else epochs, quick=quick, quiet=quiet or as_json)
+    except PermissionError as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(result)
+
+
+# ------------------------------------------------------------------------------------------------ analyze
+def _read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        _fail(f"--config: {path} does not exist.")
+    except tomllib.TOMLDecodeError as exc:
+        _fail(f"--config: {path} is not valid TOML ({exc}). Fix the file.")
+    return cfg.get("hesd", cfg)
+
+
+def _pick(cli: Any, cfg: dict, key: str, default: Any) -> Any:
+    return cli if cli is not None else cfg.get(key, default)
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[
+        list[str] | None, typer.Argument(help="Checkpoint files, folders or glob patterns (ordered by epoch in name).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY returning the nn.Module.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning training batches.")] = None,
+    heldout: Annotated[str | None, typer.Option("--heldout", help="MODULE:FACTORY returning held-out batches.")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN loss(outputs, targets); default CE.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Results folder (resumable).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Lanczos steps per probe [80].")] = None,
+    probes: Annotated[int | None, typer.Option("--probes", help="SLQ probe vectors [3].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Probe seed, same at every checkpoint [0].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... [model's].")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 or float64 [model's].")] = None,
+    model_mode: Annotated[str | None, typer.Option("--model-mode", help="eval or train (BN stats) [eval].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Training learning rate, for η·λmax/2.")] = None,
+    ct_threshold: Annotated[float | None, typer.Option("--ct-threshold", help="MP if Ct > this [-0.6].")] = None,
+    n: Annotated[float | None, typer.Option("--n", help="Exponent of Khn [0.5].")] = None,
+    heldout_criteria: Annotated[
+        bool, typer.Option("--heldout-criteria", help="Also compute the criteria on held-out data.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard results made with other settings.")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE; own files only).")
+    ] = False,
+    landscape: Annotated[bool, typer.Option("--landscape/--no-landscape", help="Loss landscape of the pick.")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write DIR/report.html.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table and selections as JSON.")] = False,
+) -> None:
+    """Analyse a series of checkpoints: HESD, criteria, type, QS flags and the checkpoint to keep.
+
+    Writes OUT/results.csv (one row per checkpoint), results.json, selection.json and report.html.
+    Re-running the same command after an interruption resumes where it stopped."""
+    import torch
+
+    import hesd
+
+    from ._common import BadInput, Progress, call_factory, load_object, store_landscape
+
+    cfg = _read_config(config)
+    checkpoints = checkpoints or cfg.get("checkpoints")
+    model = _pick(model, cfg, "model", None)
+    data = _pick(data, cfg, "data", None)
+    out = Path(_pick(out, cfg, "out", "")) if _pick(out, cfg, "out", None) else None
+    missing = [name for name, v in (("CHECKPOINT", checkpoints), ("--model", model), ("--data", data), ("--out", out))
+               if not v]  # fmt: skip
+    if missing:
+        _fail(f"missing {', '.join(missing)}. Example: hesd analyze runs/*.pt --model mypkg.models:make_model "
+              "--data mypkg.data:train_batches --out results")  # fmt: skip
+    heldout = _pick(heldout, cfg, "heldout", None)
+    loss = _pick(loss, cfg, "loss", None)
+    try:
+        settings = hesd.AnalysisSettings(
+            num_steps=int(_pick(steps, cfg, "steps", 80)),
+            num_probes=int(_pick(probes, cfg, "probes", 3)),
+            seed=int(_pick(seed, cfg, "seed", 0)),
+            n=float(_pick(n, cfg, "n", 0.5)),
+            ct_threshold=float(_pick(ct_threshold, cfg, "ct_threshold", -0.6)),
+            model_mode=_pick(model_mode, cfg, "model_mode", "eval"),
+            lr=_pick(lr, cfg, "lr", None),
+            dtype=_pick(dtype, cfg, "dtype", None),
+            device=_pick(device, cfg, "device", None),
+            heldout_criteria=heldout_criteria or bool(cfg.get("heldout_criteria", False)),
+        )
+        model_factory = load_object(model, "--model")
+        loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
+        train_data = call_factory(load_object(data, "--data"), "--data", data)
+        held = call_factory(load_object(heldout, "--heldout"), "--heldout", heldout) if heldout else None
+
+        def make_model():
+            return call_factory(model_factory, "--model", model)
+
+        progress = Progress(quiet or as_json, settings.num_steps * settings.num_probes)
+        res = hesd.analyze_checkpoints(
+            make_model, checkpoints, train_data, loss_fn=loss_fn, heldout=held, out_dir=out, settings=settings,
+            overwrite=overwrite or bool(cfg.get("overwrite", False)), trust_pickle=trust_pickle, progress=progress,
+        )  # fmt: skip
+        progress.close()
+    except (BadInput, FileNotFoundError, PermissionError, hesd.analysis.SettingsMismatchError) as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+    ok = res.table["status"] == "ok"
+    if landscape and ok.any():
+        store_landscape(out, make_model, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
+                        trust_pickle=trust_pickle, dtype=getattr(torch, settings.dtype) if settings.dtype else None,
+                        seed=settings.seed)  # fmt: skip
+    report_path = None
+    if report and ok.any():
+        from .report import build_report
+
+        report_path = build_report(out)
+    if as_json:
+        _emit_json({"results": res.table.drop(columns=["qs_reason"], errors="ignore").to_dict(orient="records"),
+                    "selections": res.selections, "report": str(report_path) if report_path else None})  # fmt: skip
+    elif not quiet:
+        _print_summary(res.table, res.selections)
+        typer.echo(f"\nresults: {out / 'results.csv'}" + (f"\nreport:  {report_path}" if report_path else ""))
+    if res.failed:
+        for ckpt, err in res.failed:
+            typer.echo(f"failed: {ckpt}: {err}", err=True)
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _print_summary(table, selections) -> None:
+    cols = [c for c in ("epoch", "lambda_min", "lambda_max", "trace", "re", "kh05", "ct", "hesd_type", "qs_flag",
+                        "heldout_accuracy", "status") if c in table]  # fmt: skip
+    typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for rule, sel in selections.items():
+        pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"
+        typer.echo(f"{rule}: {pick} — {sel['reason']}")
+
+
+# ------------------------------------------------------------------------------------------------ spectrum
+@app.command()
+def spectrum(
+    checkpoint: Annotated[Path, typer.Argument(help="One checkpoint file.")],
+    model: Annotated[str, typer.Option("--model", help="MODULE:FACTORY returning the nn.Module.")],
+    data: Annotated[str, typer.Option("--data", help="MODULE:FACTORY returning training batches.")],
+    loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN; default cross-entropy.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Lanczos steps per probe.")] = 80,
+    probes: Annotated[int, typer.Option("--probes", help="SLQ probe vectors.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
+    ct_threshold: Annotated[float, typer.Option("--ct-threshold", help="MP if Ct > this.")] = -0.6,
+    device: Annotated[str | None, typer.Option("--device", help="Device to run on.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG/PDF).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the type.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """One checkpoint: print its HESD summary (λmin, λmax, trace, re, KH05, Ct) and type."""
+    import torch
+
+    import hesd
+
+    from ._common import BadInput, call_factory, load_object
+    from .demo import text_histogram
+
+    try:
+        factory = load_object(model, "--model")
+        net = call_factory(factory, "--model", model)
+        if device:
+            net = net.to(device)
+        hesd.analysis.apply_state_dict(net, hesd.analysis.load_state_dict(checkpoint, trust_pickle=trust_pickle),
+                                       checkpoint)  # fmt: skip
+        batches = call_factory(load_object(data, "--data"), "--data", data)
+        loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
+        settings = hesd.AnalysisSettings(num_steps=steps, num_probes=probes, seed=seed, ct_threshold=ct_threshold)
+        row, spec = hesd.analyze_model(net, batches, loss_fn=loss_fn, settings=settings)
+    except (BadInput, hesd.CheckpointError, hesd.NonFiniteLossError, ValueError) as exc:
+        _fail(str(exc))
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        t, d = spec.density()
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.semilogy(t, np.maximum(d, 1e-10))
+        ax.axvline(0, color="k", ls=":")
+        ax.set_xlabel("eigenvalue λ")
+        ax.set_ylabel("density")
+        ax.set_title(f"{checkpoint.name}: {row['hesd_type']}-HESD, Ct = {row['ct']:.3f}")
+        fig.tight_layout()
+        fig.savefig(plot)
+        plt.close(fig)
+    keys = ("lambda_min", "lambda_max", "trace", "trace_se", "re", "kh05", "ct", "hesd_type", "train_loss", "hvps")
+    summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint)}
+    if as_json:
+        _emit_json(summary | {"spectrum": spec.to_dict()})
+    elif quiet:
+        typer.echo(row["hesd_type"])
+    else:
+        for k in keys:
+            v = row[k]
+            typer.echo(f"{k:>12}: {v:.6g}" if isinstance(v, float) else f"{k:>12}: {v}")
+        verdict = "curvature analysis applies" if row["hesd_type"] == "MP" else "curvature analysis does NOT apply"
+        typer.echo(f"\n{row['hesd_type']}-HESD (Ct {row['ct']:.3f} vs threshold {ct_threshold}): {verdict}\n")
+        typer.echo(text_histogram(spec))
+        if plot is not None:
+            typer.echo(f"\nplot: {plot}")
+
+
+# ------------------------------------------------------------------------------------------------ report
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="Results folder (or a folder of them).")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML path [DIR/report.html].")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report path as JSON.")] = False,
+) -> None:
+    """(Re)build the HTML report from stored results, without recomputing anything."""
+    from .report import build_report
+
+    try:
+        path = build_report(directory, out)
+    except (FileNotFoundError, PermissionError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json({"report": str(path)})
+    elif not quiet:
+        typer.echo(f"report: {path}")
 
 
 def main() -> None:
+    """Console-script entry point."""
     app()

@@ -1,0 +1,114 @@
+r"""Loss-landscape slices: along top Hessian eigenvectors and filter-normalised random directions.
+
+For unit directions :math:`d_1, d_2` and the parameters :math:`\theta^*` of a checkpoint,
+
+.. math::  f(a, b) = L(\theta^* + a d_1 + b d_2),
+
+evaluated on a grid. Along a Hessian eigenvector :math:`u` with eigenvalue :math:`\lambda`
+the quadratic model is :math:`L(\theta^*) + g^\top u\, t + \tfrac{\lambda}{2} t^2`; the 1-D
+curves are shown with :math:`\tfrac{\lambda}{2}t^2` overlaid. Random directions are
+*filter-normalised* (Li et al., 2018): each filter (row of a weight) of a Gaussian direction
+is rescaled to the norm of the matching filter of :math:`\theta^*`; biases and
+normalisation parameters get zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..algorithms.lanczos import eigenvalues
+from ..operators._data import as_reiterable, batch_size, split_batch, to_device
+from ..operators.hessian import HessianOperator, model_state
+
+__all__ = ["filter_normalized_direction", "loss_landscape"]
+
+
+def filter_normalized_direction(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A Gaussian direction rescaled filter-wise to the parameters' norms (Li et al. 2018)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in params.items():
+        d = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
+        if p.ndim <= 1:
+            d.zero_()  # biases, BatchNorm/LayerNorm parameters
+        else:
+            dn = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+            pn = p.detach().reshape(p.shape[0], -1).norm(dim=1)
+            d = d * (pn / dn).view(-1, *([1] * (p.ndim - 1)))
+        out[name] = d
+    return out
+
+
+def _mean_loss(model, params, data, loss_fn, device, dtype) -> float:
+    total, n_all = 0.0, 0
+    for batch in data:
+        X, y = split_batch(batch, "loss_landscape")
+        X, y = to_device(X, device, dtype), to_device(y, device, dtype)
+        n = batch_size(X, y)
+        args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+        out = functional_call(model, params, args) if not isinstance(X, dict) else functional_call(model, params, (), X)
+        total += float(loss_fn(out, y)) * n
+        n_all += n
+    return total / n_all
+
+
+def loss_landscape(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    num: int = 21,
+    num_2d: int = 15,
+    delta: float = 0.2,
+    seed: int = 0,
+    model_mode: str = "eval",
+) -> dict:
+    r"""1-D and 2-D slices of the mean loss along the top-2 Hessian eigenvectors and 2 random directions.
+
+    Args:
+        model, loss_fn, data: as for :class:`hesd.HessianOperator`.
+        num: points per 1-D slice.
+        num_2d: points per side of the 2-D grids.
+        delta: the eigen-direction range is :math:`|t| \le \sqrt{2\,\delta/\lambda_1}`, where the
+            quadratic model rises by ``delta``; random directions span :math:`[-1, 1]`
+            (one filter norm).
+        seed: seed of the eigen solver and the random directions.
+        model_mode: ``"eval"`` or ``"train"``.
+
+    Returns:
+        A JSON-ready dict with ``loss0``, ``eigenvalues``, and for ``"eigen"`` and ``"random"``:
+        ``t`` (1-D coordinates), ``curves`` (two 1-D loss arrays), ``grid`` (2-D coordinates)
+        and ``surface`` (2-D loss array).
+    """
+    op = HessianOperator(model, loss_fn, data, model_mode=model_mode)
+    top = eigenvalues(op, k=2, which="LA", tol=1e-4, seed=seed, return_eigenvectors=True, warn=False)
+    lam = [float(v) for v in top.eigenvalues]
+    names = op.param_names
+    base = {n: p.detach() for n, p in zip(names, op._params, strict=True)}
+    vecs = [op._unflatten(top.eigenvectors[:, i]) for i in range(2)]
+    eig_dirs = [dict(zip(names, v, strict=True)) for v in vecs]
+    rand_dirs = [filter_normalized_direction(base, seed + 1 + i) for i in range(2)]
+    data = as_reiterable(data, "loss_landscape")
+    t_max = math.sqrt(2 * delta / lam[0]) if lam[0] > 0 else 1.0
+
+    def loss_at(d1, d2, a: float, b: float) -> float:
+        params = {n: base[n] + a * d1[n] + b * d2[n] for n in names}
+        return _mean_loss(model, params, data, loss_fn, op.device, op.dtype)
+
+    result: dict[str, Any] = {"eigenvalues": lam, "residuals": top.residuals.tolist()}
+    with torch.no_grad(), model_state(model, model_mode):
+        result["loss0"] = loss_at(eig_dirs[0], eig_dirs[1], 0.0, 0.0)
+        for key, dirs, r in (("eigen", eig_dirs, t_max), ("random", rand_dirs, 1.0)):
+            t = np.linspace(-r, r, num)
+            curves = [[loss_at(dirs[i], dirs[1 - i], float(a), 0.0) for a in t] for i in range(2)]
+            g = np.linspace(-r, r, num_2d)
+            surface = [[loss_at(dirs[0], dirs[1], float(a), float(b)) for a in g] for b in g]
+            result[key] = {"t": t.tolist(), "curves": curves, "grid": g.tolist(), "surface": surface}
+    return result

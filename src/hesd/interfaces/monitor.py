@@ -1,0 +1,197 @@
+"""Training-time monitoring: analyse the model every N epochs from a hand-written loop.
+
+Rows go to the same :class:`~hesd.analysis.store.ResultStore` layout as ``hesd analyze``,
+so ``hesd report DIR`` works on either. Optionally each analysed state is saved as
+``DIR/checkpoints/epoch_NNN.safetensors`` (so the report can draw the landscape of the
+chosen checkpoint) and the scalars and Ritz-value histogram go to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from ..analysis.checkpoints import sha256_file
+from ..analysis.series import AnalysisSettings, _records, analyze_model, build_table
+from ..analysis.store import ResultStore
+from ..errors import HesdError
+
+__all__ = ["Monitor"]
+
+_SCALARS = ("lambda_max", "lambda_min", "trace", "re", "kh05", "ct")
+
+
+class Monitor:
+    """Analyse a model's HESD during training.
+
+    Args:
+        model: the model being trained (analysed in place, its mode and buffers restored).
+        data: the data to take the Hessian on (a fixed, un-augmented loader or batch).
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+        out_dir: results folder (``None``: keep rows in memory only).
+        heldout: held-out data for loss/accuracy per analysis.
+        evaluate: ``evaluate(model) -> dict`` instead of the default held-out evaluation.
+        settings: :class:`hesd.AnalysisSettings`.
+        every: analyse when ``epoch % every == 0``.
+        save_checkpoints: save each analysed state as safetensors under ``out_dir/checkpoints``.
+        tensorboard: a ``SummaryWriter``, a log folder, or ``None``.
+        overwrite: discard results in ``out_dir`` made with other settings.
+
+    Example:
+        >>> import torch, hesd
+        >>> model = torch.nn.Linear(4, 3)
+        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> mon = hesd.Monitor(model, data, settings=hesd.AnalysisSettings(num_steps=8, num_probes=1))
+        >>> for epoch in range(1, 3):
+        ...     row = mon.step(epoch)  # after each epoch of training
+        >>> list(mon.table["epoch"])
+        [1, 2]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        loss_fn: Callable = nn.functional.cross_entropy,
+        out_dir: str | Path | None = None,
+        heldout: Any = None,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        settings: AnalysisSettings | None = None,
+        every: int = 1,
+        save_checkpoints: bool = True,
+        tensorboard: Any = None,
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Monitor: every must be a positive integer, got {every!r}")
+        self.model, self.data, self.loss_fn = model, data, loss_fn
+        self.heldout, self.evaluate = heldout, evaluate
+        self.settings = settings or AnalysisSettings()
+        self.every = every
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.save_checkpoints = save_checkpoints and self.out_dir is not None
+        self._store = (
+            ResultStore(self.out_dir, {"analysis": self.settings.to_dict(), "source": "monitor"}, overwrite=overwrite)
+            if self.out_dir is not None
+            else None
+        )
+        self._rows: dict[str, dict] = {}
+        if self._store is not None:
+            self._rows = {r["checkpoint"]: r for r in self._store.rows()}
+        self._writer = self._make_writer(tensorboard)
+
+    @staticmethod
+    def _make_writer(tb: Any):
+        if tb is None or hasattr(tb, "add_scalar"):
+            return tb
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn(
+                "Monitor: TensorBoard is not installed; pip install tensorboard", RuntimeWarning, stacklevel=3
+            )
+            return None
+        return SummaryWriter(log_dir=str(tb))
+
+    def _save(self, epoch: int) -> tuple[str, str | None]:
+        if not self.save_checkpoints:
+            return f"monitor:epoch={epoch}", None
+        from safetensors.torch import save_file
+
+        path = self.out_dir / "checkpoints" / f"epoch_{epoch:04d}.safetensors"  # type: ignore[operator]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+        return str(path.resolve()), sha256_file(path)
+
+    def step(self, epoch: int, *, force: bool = False) -> dict | None:
+        """Analyse now if ``epoch % every == 0`` (or ``force``); return the row, or ``None`` if skipped.
+
+        A failure (e.g. a non-finite loss) is recorded as a failed row with a warning;
+        training is not interrupted.
+        """
+        if not force and epoch % self.every != 0:
+            return None
+        ident, digest = self._save(epoch)
+        base = {"checkpoint": ident, "name": Path(ident).name if digest else ident, "epoch": int(epoch),
+                "sha256": digest}  # fmt: skip
+        try:
+            row, spec = analyze_model(
+                self.model, self.data, loss_fn=self.loss_fn, heldout=self.heldout, evaluate=self.evaluate,
+                settings=self.settings,
+            )  # fmt: skip
+            row = {**base, **row, "status": "ok", "error": None, "spectrum": spec.to_dict()}
+        except (HesdError, ValueError, RuntimeError) as exc:
+            warnings.warn(f"Monitor: analysis at epoch {epoch} failed: {exc}", RuntimeWarning, stacklevel=2)
+            row, spec = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}, None
+        self._rows[ident] = row
+        if self._store is not None:
+            self._store.put(ResultStore.key_for(ident), row)
+            table, selections, _ = build_table(self._sorted_rows(), self.settings)
+            self._store.write_tables(_records(table))
+            self._store.write_json("selection.json", selections)
+        if self._writer is not None and spec is not None:
+            for key in _SCALARS:
+                self._writer.add_scalar(f"hesd/{key}", float(row[key]), epoch)
+            import numpy as np
+
+            ritz = np.concatenate(spec.values)
+            self._writer.add_histogram("hesd/ritz_values", ritz, epoch)
+            self._writer.flush()
+        return row
+
+    __call__ = step
+
+    def _sorted_rows(self) -> list[dict]:
+        return sorted(self._rows.values(), key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0))
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The results so far, one row per analysed epoch."""
+        return build_table(self._sorted_rows(), self.settings)[0]
+
+    @property
+    def selections(self) -> dict[str, dict]:
+        """What each selection rule picks so far."""
+        return build_table(self._sorted_rows(), self.settings)[1]
+
+    def finalize(self, *, landscape: bool = True, report: bool = True) -> Path | None:
+        """Compute the landscape of the pick (needs saved checkpoints) and write the report; return its path."""
+        if self.out_dir is None or not self._rows:
+            return None
+        if landscape and self.save_checkpoints:
+            from ._common import store_landscape
+
+            params = next(self.model.parameters())
+
+            def factory() -> nn.Module:
+                import copy
+
+                return copy.deepcopy(self.model).to(params.device)
+
+            try:
+                store_landscape(self.out_dir, factory, self.data, self.loss_fn, self.selections,
+                                model_mode=self.settings.model_mode, seed=self.settings.seed)  # fmt: skip
+            except (HesdError, ValueError, RuntimeError) as exc:
+                warnings.warn(f"Monitor: landscape skipped: {exc}", RuntimeWarning, stacklevel=2)
+        if self._writer is not None:
+            self._writer.flush()
+        if report:
+            from .report import build_report
+
+            return build_report(self.out_dir)
+        return None
+
+    def __repr__(self) -> str:
+        return f"Monitor(every={self.every}, rows={len(self._rows)}, out_dir={self.out_dir})"
