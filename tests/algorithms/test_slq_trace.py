@@ -124,3 +124,37 @@ def test_trace_on_hessian_operator_and_errors():
         hesd.trace(H, method="xtrace")
     with pytest.raises(ValueError, match="hutchpp needs num_matvecs >= 3"):
         hesd.trace(H, num_matvecs=2)
+
+
+def test_memory_modes_against_full_reorthogonalisation():
+    """Where the difference is visible: many steps on a spectrum with well-separated extremes."""
+    eigs = torch.cat([torch.linspace(-1, 1, 1996, dtype=torch.float64), torch.tensor([-3.0, 4.0, 6.0, 9.0])])
+    A = random_symmetric(2000, eigs, seed=11)
+    full = hesd.slq(A, num_steps=150, num_probes=1, seed=3)
+    window = hesd.slq(A, num_steps=150, num_probes=1, seed=3, reorth="window", window=4)
+    none = hesd.slq(A, num_steps=150, num_probes=1, seed=3, reorth="none")
+
+    def copies(s):
+        return int((np.abs(s.values[0] - 9.0) < 1e-6).sum())
+
+    assert copies(full) == 1
+    assert copies(window) > 1 and copies(none) > 1  # spurious ("ghost") copies of λmax
+    for s in (window, none):  # ... while the extremes themselves stay accurate
+        assert abs(s.lambda_max - 9) < 1e-8 and abs(s.lambda_min + 3) < 1e-8
+    # The quadrature weight of λmax is split among the copies but its total is kept.
+    w_full = full.weights[0][np.abs(full.values[0] - 9) < 1e-6].sum()
+    w_win = window.weights[0][np.abs(window.values[0] - 9) < 1e-6].sum()
+    assert abs(w_full - w_win) < 1e-3
+    bf = hesd.slq(A.float(), num_steps=150, num_probes=1, seed=3, basis_dtype=torch.bfloat16)
+    assert abs(bf.lambda_max - 9) < 0.05 and abs(bf.lambda_min + 3) < 0.05
+
+
+def test_plan_basis_fits_budget():
+    from hesd.algorithms.slq import plan_basis
+
+    P, steps = 10_000, 100
+    assert plan_basis(P, steps, torch.float32, 4 * P * steps)["reorth"] == "full"
+    p = plan_basis(P, steps, torch.float32, 2 * P * steps)
+    assert p["reorth"] == "full" and p["basis_dtype"] == torch.bfloat16 and p["basis_bytes"] <= 2 * P * steps
+    p = plan_basis(P, steps, torch.float32, 4 * P * 10)
+    assert p["reorth"] == "window" and p["window"] == 10 and p["basis_bytes"] <= 4 * P * 10

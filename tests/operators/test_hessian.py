@@ -302,3 +302,19 @@ def test_error_bad_arguments():
         hesd.HessianOperator(lambda x: x, CE, data)
     with pytest.raises(TypeError, match="lone tensor"):
         hesd.HessianOperator(m, CE, torch.randn(3, 2))
+
+
+def test_bfloat16_autocast_error_against_float64():
+    model, batches, _ = make_case("attention", seed=15)
+    H = hesd.exact_hessian(model, CE, batches)
+    model32 = model.float()
+    b32 = [(X.float(), y) for X, y in batches]
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    ref = (H @ v.double()).float()
+    exact32 = hesd.HessianOperator(model32, CE, b32) @ v
+    mixed = hesd.HessianOperator(model32, CE, b32, autocast_dtype=torch.bfloat16) @ v
+    err32 = float((exact32 - ref).norm() / ref.norm())
+    err16 = float((mixed - ref).norm() / ref.norm())
+    assert err32 < 1e-5
+    assert 1e-5 < err16 < 0.1  # bf16 forward: percent-level error, measured here
+    assert mixed.dtype == torch.float32

@@ -23,7 +23,34 @@ from ._common import check_positive_int, rademacher
 from .lanczos import lanczos
 from .spectrum import Spectrum
 
-__all__ = ["ritz_from_tridiagonal", "slq"]
+__all__ = ["plan_basis", "ritz_from_tridiagonal", "slq"]
+
+
+def plan_basis(dim: int, num_steps: int, dtype: torch.dtype, budget_bytes: int) -> dict:
+    r"""Choose the SLQ re-orthogonalisation mode that fits ``budget_bytes`` of basis memory.
+
+    In order of preference (accuracy cost measured in ``tests/algorithms/test_slq_trace.py``):
+
+    1. ``reorth="full"`` in the operator's dtype — exact to rounding;
+    2. ``reorth="full"`` with a ``bfloat16`` basis (half or a quarter of the memory) —
+       orthogonality only to about 1e-2, so Ritz values can drift by about 1e-2 relative
+       to the spectral range, and spurious copies of the extreme values are held back;
+    3. ``reorth="window"`` with as many recent vectors as fit — memory
+       ``window × n``; orthogonality is lost against older vectors, so converged extreme
+       Ritz values reappear as spurious copies (their quadrature weights are split), while
+       the extreme values themselves stay accurate.
+
+    Returns:
+        keyword arguments for :func:`slq` plus ``basis_bytes``.
+    """
+    item = torch.empty(0, dtype=dtype).element_size()
+    steps = min(num_steps, dim)
+    if steps * dim * item <= budget_bytes:
+        return {"reorth": "full", "basis_dtype": None, "window": None, "basis_bytes": steps * dim * item}
+    if steps * dim * 2 <= budget_bytes:
+        return {"reorth": "full", "basis_dtype": torch.bfloat16, "window": None, "basis_bytes": steps * dim * 2}
+    window = max(2, budget_bytes // (dim * item))
+    return {"reorth": "window", "basis_dtype": None, "window": int(window), "basis_bytes": int(window) * dim * item}
 
 
 def ritz_from_tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

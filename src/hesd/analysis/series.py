@@ -23,9 +23,9 @@ from torch import nn
 
 from .._version import __version__
 from ..algorithms.lanczos import eigenvalues
-from ..algorithms.slq import slq
+from ..algorithms.slq import plan_basis, slq
 from ..algorithms.spectrum import Spectrum
-from ..errors import HesdError
+from ..errors import CheckpointError, HesdError
 from ..operators.hessian import HessianOperator
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
 from .criteria import compare_criteria, criteria
@@ -65,6 +65,11 @@ class AnalysisSettings:
         dtype: ``"float32"``/``"float64"`` to cast the model to, or ``None`` to keep it.
         device: device to run on (``None``: where the model is).
         qs: the quasi-singular rule.
+        params: ``fnmatch`` patterns of parameter names to restrict the Hessian to (block
+            analysis, e.g. ``["layers.3.*"]``); ``None``: all trainable parameters.
+        max_memory: bytes for the SLQ basis and the kept first-order graphs together; half
+            goes to the basis (see :func:`hesd.algorithms.slq.plan_basis` for the modes and
+            their accuracy cost), the rest to graphs. ``None``: full basis, default budget.
     """
 
     num_steps: int = 80
@@ -84,6 +89,8 @@ class AnalysisSettings:
     dtype: str | None = None
     device: str | None = None
     qs: QSRule = field(default_factory=QSRule)
+    params: list[str] | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.qs, dict):
@@ -98,6 +105,10 @@ class AnalysisSettings:
             raise ValueError(f"AnalysisSettings: dtype must be 'float32', 'float64' or None, got {self.dtype!r}")
         if self.model_mode not in ("eval", "train"):
             raise ValueError(f"AnalysisSettings: model_mode must be 'eval' or 'train', got {self.model_mode!r}")
+        if isinstance(self.params, str):
+            self.params = [self.params]
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"AnalysisSettings: max_memory must be a positive number of bytes, got {self.max_memory}")
         if not self.ct_threshold <= 0:
             raise ValueError(f"AnalysisSettings: ct_threshold must be ≤ 0, got {self.ct_threshold}")
 
@@ -141,8 +152,13 @@ def analyze_model(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     settings: AnalysisSettings | None = None,
     callback: Callable[[int, int], None] | None = None,
+    process_group: Any = None,
 ) -> tuple[dict, Spectrum]:
     """Analyse ``model`` at its current parameters.
+
+    With ``process_group`` each rank passes its shard of ``data`` (data parallel, see
+    :mod:`hesd.distributed`); every rank returns the same row. Held-out metrics are computed
+    on each rank's ``heldout`` as given (pass the whole held-out set on every rank).
 
     Returns:
         ``(row, spectrum)``: ``row`` holds λmin, λmax, trace (SLQ estimate ± standard error
@@ -162,8 +178,19 @@ def analyze_model(
     """
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
-    op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode)
-    spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, reorth=s.reorth, window=s.window, callback=callback)
+    names = select_params(model, s.params) if s.params else None
+    slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
+    graph_budget = None
+    if s.max_memory is not None:
+        P = sum(p.numel() for n, p in model.named_parameters() if (names is None and p.requires_grad) or
+                (names is not None and n in names))  # fmt: skip
+        dtype = next(model.parameters()).dtype
+        plan = plan_basis(P, s.num_steps, dtype, s.max_memory // 2)
+        slq_kw = {k: plan[k] for k in ("reorth", "window", "basis_dtype")}
+        graph_budget = s.max_memory - plan["basis_bytes"]
+    op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
+                         memory_budget=graph_budget)  # fmt: skip
+    spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
     crit = criteria(spec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
     row: dict[str, Any] = crit.to_dict()
     row["kh05_std"] = float(np.std([_kh05(v, w) for v, w in zip(spec.values, spec.weights, strict=True)], ddof=1)) \
@@ -191,7 +218,7 @@ def analyze_model(
         metrics = _accuracy_eval(model, heldout, loss_fn, op.device, op.dtype)
     row.update(metrics)
     if s.heldout_criteria and heldout is not None:
-        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode)
+        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode)  # held-out: local, see above
         hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, reorth=s.reorth, window=s.window)
         hcrit = criteria(hspec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
         row.update({k: v for k, v in compare_criteria(crit, hcrit).items() if not k.startswith("train_")})
@@ -200,6 +227,17 @@ def analyze_model(
     row["hvps"] = op.num_matvecs
     row["seconds"] = time.perf_counter() - t0
     return row, spec
+
+
+def select_params(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of trainable parameters matching any of the ``fnmatch`` ``patterns``."""
+    import fnmatch
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, pat)
+             for pat in patterns)]  # fmt: skip
+    if not names:
+        raise ValueError(f"params patterns {patterns} match no trainable parameter of the model")
+    return names
 
 
 def _kh05(v: np.ndarray, w: np.ndarray) -> float:
@@ -280,6 +318,8 @@ def analyze_checkpoints(
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Callable[[str, Any], None] | None = None,
+    process_group: Any = None,
+    parallel: str = "data",
 ) -> SeriesResult:
     """Analyse a series of checkpoints and choose one.
 
@@ -299,6 +339,11 @@ def analyze_checkpoints(
         trust_pickle: allow arbitrary unpickling of ``.pt`` files (unsafe; default off).
         progress: ``progress(event, payload)`` hook; events ``"start"`` (list of
             checkpoints), ``"checkpoint"`` (info), ``"step"`` ((probe, step)), ``"done"`` (row).
+        process_group: a ``torch.distributed`` group (or ``True``) to spread the work; only
+            rank 0 writes to ``out_dir``; every rank returns the same result.
+        parallel: ``"data"`` — each rank passes its shard of ``data`` and every HVP is
+            all-reduced; ``"checkpoints"`` — each rank passes all the data and analyses every
+            ``world``-th checkpoint (see :mod:`hesd.distributed` for when to use which).
 
     Returns:
         :class:`SeriesResult`. A checkpoint that fails (corrupt, mismatched, refused,
@@ -317,10 +362,28 @@ def analyze_checkpoints(
         >>> list(res.table["epoch"]), res.table["status"].tolist()
         ([0, 1], ['ok', 'ok'])
     """
+    from ..distributed import broadcast, consensus, rank_and_world, resolve_group
+
     s = settings or AnalysisSettings()
+    if parallel not in ("data", "checkpoints"):
+        raise ValueError(f"analyze_checkpoints: parallel must be 'data' or 'checkpoints', got {parallel!r}")
+    group = resolve_group(process_group)
+    rank, world = rank_and_world(group)
     infos = discover_checkpoints(checkpoints, epochs)
-    store = ResultStore(out_dir, {"analysis": s.to_dict(), "hesd": __version__}, overwrite=overwrite) \
-        if out_dir is not None else None  # fmt: skip
+    store, error = None, None
+    if out_dir is not None and rank == 0:
+        try:
+            store = ResultStore(out_dir, {"analysis": s.to_dict(), "hesd": __version__}, overwrite=overwrite)
+        except Exception as exc:
+            error = exc
+    if group is not None:
+        msg = consensus(group, error)
+        if msg is not None:
+            raise error if error is not None else RuntimeError(f"analyze_checkpoints: rank 0 failed: {msg}")
+    elif error is not None:
+        raise error
+    # Rank 0's stored rows decide what is resumed, identically on every rank.
+    cached = broadcast({r["checkpoint"]: r for r in store.rows()} if store is not None else {}, group)
     if progress:
         progress("start", infos)
     model = model_factory()
@@ -331,12 +394,29 @@ def analyze_checkpoints(
     if s.device is not None:
         model = model.to(s.device)
     rows: list[dict] = []
-    for info in infos:
-        rows.append(_analyze_one(model, info, data, loss_fn, heldout, evaluate, s, store, trust_pickle, progress))
+    split = parallel == "checkpoints" and group is not None
+    step = world if split else 1
+    for start in range(0, len(infos), step):
+        chunk = infos[start : start + step]
+        if split:
+            mine = chunk[rank] if rank < len(chunk) else None
+            row = _analyze_one(model, mine, data, loss_fn, heldout, evaluate, s, cached, trust_pickle, progress,
+                               None) if mine is not None else None  # fmt: skip
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, row, group=group)
+            new_rows = [r for r in gathered if r is not None]
+        else:
+            new_rows = [_analyze_one(model, chunk[0], data, loss_fn, heldout, evaluate, s, cached, trust_pickle,
+                                     progress, group)]  # fmt: skip
+        for row in new_rows:
+            rows.append(row)
+            if store is not None and row.get("_new"):
+                store.put(ResultStore.key_for(row["checkpoint"]), {k: v for k, v in row.items() if k != "_new"})
         if store is not None:
             table, selections, _ = build_table(rows, s, rules)
             store.write_tables(_records(table))
             store.write_json("selection.json", selections)
+    rows = [{k: v for k, v in r.items() if k != "_new"} for r in rows]
     table, selections, spectra = build_table(rows, s, rules)
     if store is not None:
         store.write_tables(_records(table))
@@ -349,35 +429,47 @@ def _records(table: pd.DataFrame) -> list[dict]:
     return table.replace({np.nan: None}).to_dict(orient="records")
 
 
-def _analyze_one(model, info: CheckpointInfo, data, loss_fn, heldout, evaluate, s, store, trust_pickle, progress):
+def _analyze_one(
+    model, info: CheckpointInfo, data, loss_fn, heldout, evaluate, s, cached, trust_pickle, progress, group=None
+):
+    """Analyse one checkpoint; a row marked ``_new`` is to be stored (cached rows are not)."""
+    from ..distributed import consensus
+
     ident = str(info.path)
-    key = ResultStore.key_for(ident)
     base = {"checkpoint": ident, "name": info.name, "epoch": info.epoch}
+    error: BaseException | None = None
+    digest = None
     try:
         digest = sha256_file(info.path)
     except OSError as exc:
-        return {**base, "status": "failed", "error": f"{info.path}: cannot read ({exc.strerror})", "sha256": None}
+        error = CheckpointError(f"{info.path}: cannot read ({exc.strerror})")
     base["sha256"] = digest
-    if store is not None:
-        prev = store.get(key)
-        if prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest:
+    prev = cached.get(ident)
+    if error is None and prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest:
+        if group is None or consensus(group, None) is None:
             if progress:
                 progress("cached", prev)
             return prev
     if progress:
         progress("checkpoint", info)
-    try:
-        state = load_state_dict(info.path, trust_pickle=trust_pickle)
-        apply_state_dict(model, state, info.path)
-        cb = (lambda p, j: progress("step", (p, j))) if progress else None
-        row, spec = analyze_model(
-            model, data, loss_fn=loss_fn, heldout=heldout, evaluate=evaluate, settings=s, callback=cb
-        )
-        row = {**base, **row, "status": "ok", "error": None, "spectrum": spec.to_dict()}
-    except (HesdError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
-        row = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    if store is not None:
-        store.put(key, row)
+    if error is None:
+        try:
+            state = load_state_dict(info.path, trust_pickle=trust_pickle)
+            apply_state_dict(model, state, info.path)
+        except (HesdError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+            error = exc
+    message = consensus(group, error) if group is not None else (
+        None if error is None else f"{type(error).__name__}: {error}")  # fmt: skip
+    if message is not None:
+        row = {**base, "status": "failed", "error": message, "_new": True}
+    else:
+        try:
+            cb = (lambda p, j: progress("step", (p, j))) if progress else None
+            row, spec = analyze_model(model, data, loss_fn=loss_fn, heldout=heldout, evaluate=evaluate, settings=s,
+                                      callback=cb, process_group=group)  # fmt: skip
+            row = {**base, **row, "status": "ok", "error": None, "spectrum": spec.to_dict(), "_new": True}
+        except (HesdError, FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+            row = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "_new": True}
     if progress:
         progress("done", row)
     return row

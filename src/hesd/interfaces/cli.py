@@ -130,6 +130,21 @@ def analyze(
     heldout_criteria: Annotated[
         bool, typer.Option("--heldout-criteria", help="Also compute the criteria on held-out data.")
     ] = False,
+    params: Annotated[
+        list[str] | None, typer.Option("--params", help="Restrict to parameters matching this glob (repeatable).")
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="Budget for SLQ basis + kept graphs, e.g. 2G, 500M.")
+    ] = None,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="Run data/checkpoint-parallel under torchrun (gloo/NCCL).")
+    ] = False,
+    parallel: Annotated[
+        str, typer.Option("--parallel", help="With --distributed: 'data' (shard batches) or 'checkpoints'.")
+    ] = "data",
+    no_shard: Annotated[
+        bool, typer.Option("--no-shard", help="With --distributed: the data factory already returns this rank's shard.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard results made with other settings.")] = False,
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE; own files only).")
@@ -173,6 +188,8 @@ def analyze(
             dtype=_pick(dtype, cfg, "dtype", None),
             device=_pick(device, cfg, "device", None),
             heldout_criteria=heldout_criteria or bool(cfg.get("heldout_criteria", False)),
+            params=params or cfg.get("params"),
+            max_memory=_parse_bytes(_pick(max_memory, cfg, "max_memory", None)),
         )
         model_factory = load_object(model, "--model")
         loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
@@ -182,10 +199,17 @@ def analyze(
         def make_model():
             return call_factory(model_factory, "--model", model)
 
+        group, rank = _init_distributed(distributed or bool(cfg.get("distributed", False)), settings.device)
+        if group is not None and parallel == "data" and not no_shard:
+            from ..distributed import shard
+
+            train_data = shard(train_data, group=group)
+        quiet = quiet or rank != 0
         progress = Progress(quiet or as_json, settings.num_steps * settings.num_probes)
         res = hesd.analyze_checkpoints(
             make_model, checkpoints, train_data, loss_fn=loss_fn, heldout=held, out_dir=out, settings=settings,
             overwrite=overwrite or bool(cfg.get("overwrite", False)), trust_pickle=trust_pickle, progress=progress,
+            process_group=group, parallel=parallel,
         )  # fmt: skip
         progress.close()
     except (BadInput, FileNotFoundError, PermissionError, hesd.analysis.SettingsMismatchError) as exc:
@@ -193,6 +217,8 @@ def analyze(
     except ValueError as exc:
         _fail(str(exc))
     ok = res.table["status"] == "ok"
+    if rank != 0:  # only rank 0 writes the landscape and the report, and prints
+        raise typer.Exit(EXIT_PARTIAL if res.failed else EXIT_OK)
     if landscape and ok.any():
         store_landscape(out, make_model, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
                         trust_pickle=trust_pickle, dtype=getattr(torch, settings.dtype) if settings.dtype else None,
@@ -212,6 +238,40 @@ def analyze(
         for ckpt, err in res.failed:
             typer.echo(f"failed: {ckpt}: {err}", err=True)
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _parse_bytes(text: Any) -> int | None:
+    if text is None or isinstance(text, int):
+        return text
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        _fail(f"--max-memory: cannot read {text!r}; use bytes or a suffix, e.g. 2G or 500M")
+    return None
+
+
+def _init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
+    """Join the torchrun job (gloo on CPU, NCCL on CUDA); returns (group, rank)."""
+    if not enabled:
+        return None, 0
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            _fail(
+                "--distributed needs a torchrun launch, e.g. torchrun --nproc_per_node=2 --no-python hesd analyze ..."
+            )
+        backend = "nccl" if device and device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.group.WORLD, dist.get_rank()
 
 
 def _print_summary(table, selections) -> None:

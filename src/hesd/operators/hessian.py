@@ -175,9 +175,16 @@ class HessianOperator(LinearOperator):
         memory_budget: bytes of first-order graphs ``"auto"`` may keep; default half the free
             GPU memory or a quarter of free RAM.
         process_group: a ``torch.distributed`` process group (or ``True`` for the default
-            group). Each rank passes its own shard of the data; products, loss and gradient
-            are all-reduced with sample-count weights, so every rank gets the Hessian of the
-            whole data set.
+            group). Each rank passes its own shard of the data (shards may differ in size,
+            one may be empty); products, loss and gradient are all-reduced with sample-count
+            weights, so every rank gets the Hessian of the whole data set. An error while
+            preparing on any rank (non-finite loss, bad batch) is raised on every rank as
+            :class:`hesd.distributed.DistributedError` naming that rank. See :mod:`hesd.distributed`.
+        distributed: shorthand for ``process_group=True`` (the default group).
+        autocast_dtype: run the forward pass under ``torch.autocast`` in this dtype (e.g.
+            ``torch.bfloat16`` on a GPU) while parameters, products and the Lanczos
+            recurrence stay in the parameters' dtype. Faster, less exact: ``benchmarks``
+            and the tests measure the error against float64.
 
     Attributes:
         shape: ``(P, P)`` with ``P`` the number of selected parameters' entries.
@@ -215,6 +222,8 @@ class HessianOperator(LinearOperator):
         hvp_method: str = "auto",
         memory_budget: int | None = None,
         process_group: Any = None,
+        distributed: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         caller = "HessianOperator"
         if not isinstance(model, nn.Module):
@@ -262,9 +271,10 @@ class HessianOperator(LinearOperator):
         P = sum(self._numels)
         self.shape = (P, P)
         self._data = as_reiterable(data, caller)
-        if process_group is True:
-            process_group = torch.distributed.group.WORLD
-        self.process_group = process_group
+        from ..distributed import resolve_group
+
+        self.process_group = resolve_group(True if distributed and process_group is None else process_group)
+        self.autocast_dtype = autocast_dtype
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{caller}: loss_fn has reduction={reduction!r}; use 'mean' (or 'sum')")
@@ -293,7 +303,13 @@ class HessianOperator(LinearOperator):
             yield to_device(inputs, self.device, self.dtype), to_device(targets, self.device, self.dtype), n
 
     def _loss(self, inputs: Any, targets: Any, index: int) -> torch.Tensor:
-        loss = self.loss_fn(call_model(self.model, inputs), targets)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = call_model(self.model, inputs)
+            out = out.to(self.dtype) if isinstance(out, torch.Tensor) else out
+        else:
+            out = call_model(self.model, inputs)
+        loss = self.loss_fn(out, targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -337,29 +353,20 @@ class HessianOperator(LinearOperator):
         self._stored: list[tuple[Any, Any, int]] = []
         self._stream = False
         self.graph_bytes = 0
-        used = 0
-        losses: list[tuple[int, torch.Tensor]] = []
-        grads: list[tuple[int, torch.Tensor]] = []
         with model_state(self.model, self.model_mode):
-            for index, (inputs, targets, n) in enumerate(self._batches()):
-                counter = [0]
-                want_graph = keep_graphs and not self._stream and (unlimited or used < budget)
-                with torch.enable_grad(), _count_saved_bytes(counter):
-                    loss = self._loss(inputs, targets, index)
-                    g = self._grad(loss, create_graph=want_graph)
-                if want_graph and (unlimited or used + counter[0] <= budget):
-                    self._cache.append((n, g))
-                    used += counter[0]
-                elif keep_graphs and not self._stream:
-                    used = budget  # no more graphs; remember the batch itself
-                    self._stored.append((inputs, targets, n))
-                    if sum(_nbytes(b) for b in self._stored) > budget:
-                        self._stream = True
-                        self._stored = []
-                losses.append((n, loss.detach()))
-                grads.append((n, self._flatten([t.detach() for t in g])))
-            if not losses:
-                raise ValueError("HessianOperator: data yielded no samples; pass a non-empty DataLoader or batch")
+            error: BaseException | None = None
+            try:
+                losses, grads, used = self._local_pass(budget, keep_graphs, unlimited)
+                if not losses and self.process_group is None:
+                    raise ValueError("HessianOperator: data yielded no samples; pass a non-empty DataLoader or batch")
+            except Exception as exc:
+                error, losses, grads, used = exc, [], [], 0
+            if self.process_group is not None:
+                from ..distributed import agree
+
+                agree(self.process_group, error, "HessianOperator.prepare")
+            elif error is not None:
+                raise error
             if self._stream:
                 # Batches do not fit: keep no partial cache (a reshuffling loader would mix samples).
                 self._cache = []
@@ -368,15 +375,43 @@ class HessianOperator(LinearOperator):
             n_local = sum(n for n, _ in losses)
             count = torch.tensor([float(n_local)], dtype=torch.float64, device=self.device)
             self._num_samples = float(self._allreduce(count).item())
+            if self._num_samples == 0:
+                raise ValueError("HessianOperator: no rank holds any sample; pass non-empty data shards")
             self._loss_value, self._gradient = self._reduce_loss_grad(losses, grads)
             if self.check_deterministic:
                 self._check_determinism()
         self._prepared = True
         self._prepared_versions = self._versions()
 
+    def _local_pass(self, budget: int, keep_graphs: bool, unlimited: bool):
+        """One pass over this rank's data: losses, gradients, and the kept first-order graphs."""
+        used = 0
+        losses: list[tuple[int, torch.Tensor]] = []
+        grads: list[tuple[int, torch.Tensor]] = []
+        for index, (inputs, targets, n) in enumerate(self._batches()):
+            counter = [0]
+            want_graph = keep_graphs and not self._stream and (unlimited or used < budget)
+            with torch.enable_grad(), _count_saved_bytes(counter):
+                loss = self._loss(inputs, targets, index)
+                g = self._grad(loss, create_graph=want_graph)
+            if want_graph and (unlimited or used + counter[0] <= budget):
+                self._cache.append((n, g))
+                used += counter[0]
+            elif keep_graphs and not self._stream:
+                used = budget  # no more graphs; remember the batch itself
+                self._stored.append((inputs, targets, n))
+                if sum(_nbytes(b) for b in self._stored) > budget:
+                    self._stream = True
+                    self._stored = []
+            losses.append((n, loss.detach()))
+            grads.append((n, self._flatten([t.detach() for t in g])))
+        return losses, grads, used
+
     def _reduce_loss_grad(self, losses, grads) -> tuple[float, torch.Tensor]:
-        loss = sum(self._weight(n) * v.to(torch.float64) for n, v in losses)
-        grad = sum(self._weight(n) * g for n, g in grads)
+        loss = sum(self._weight(n) * float(v) for n, v in losses)
+        grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for n, g in grads:
+            grad += self._weight(n) * g
         loss_t = self._allreduce(torch.as_tensor(loss, dtype=torch.float64, device=self.device).reshape(1))
         return float(loss_t.item()), self._allreduce(grad)
 

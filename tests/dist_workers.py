@@ -1,0 +1,76 @@
+"""Worker functions for the torch.distributed tests (module-level, so spawn can import them)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import hesd
+from helpers import make_case
+from hesd.distributed import shard, slq_probe_parallel
+
+CE = torch.nn.functional.cross_entropy
+
+
+def _init(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+
+
+def algorithms_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    _init(rank, world, init_file)
+    try:
+        model, batches, _ = make_case("cnn", seed=31)
+        local = shard(batches)  # round-robin by batch: unequal shards (8+5 vs 8 samples, or 8/8/5)
+        op = hesd.HessianOperator(model, CE, local, process_group=True)
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        res = {
+            "n_local": sum(len(y) for _, y in local),
+            "num_samples": op.num_samples,
+            "hv": op @ v,
+            "loss": op.loss(),
+            "eig": hesd.eigenvalues(op, k=2, which="BE", tol=1e-10).eigenvalues,
+            "trace": hesd.trace(op, "hutchpp", num_matvecs=30, seed=2).estimate,
+            "slq": hesd.slq(op, num_steps=15, num_probes=2, seed=4).to_dict(),
+        }
+        full_op = hesd.HessianOperator(model, CE, batches)  # every rank holds all the data
+        res["probe_parallel"] = slq_probe_parallel(full_op, 15, 3, seed=4).to_dict()
+        torch.save(res, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def failing_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    _init(rank, world, init_file)
+    try:
+        model, batches, _ = make_case("mlp", seed=32)
+        local = shard(batches)
+        if rank == 1:
+            X, y = local[0]
+            X = X.clone()
+            X[0, 0] = float("nan")
+            local = [(X, y), *local[1:]]
+        op = hesd.HessianOperator(model, CE, local, process_group=True)
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    finally:
+        dist.destroy_process_group()
+
+
+def series_worker(rank: int, world: int, init_file: str, out: str, ckpt_dir: str, parallel: str) -> None:
+    _init(rank, world, init_file)
+    try:
+        from hesd.models import DigitsMLP, load_digits_tensors
+
+        X, y, _, _ = load_digits_tensors(dtype=torch.float64)
+        batches = [(X[i : i + 300], y[i : i + 300]) for i in range(0, len(y), 300)]
+        data = shard(batches) if parallel == "data" else batches
+        settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, refine_extremes=False, dtype="float64")
+        res = hesd.analyze_checkpoints(DigitsMLP, ckpt_dir, data, out_dir=f"{out}/results", settings=settings,
+                                       process_group=True, parallel=parallel)  # fmt: skip
+        torch.save({"ct": res.table["ct"].tolist(), "lambda_max": res.table["lambda_max"].tolist()},
+                   f"{out}/series_rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,136 @@
+"""Data-parallel and task-parallel analysis with gloo, 2 and 3 processes, against one process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import hesd
+from dist_workers import CE, algorithms_worker, failing_worker, series_worker
+from helpers import make_case
+from hesd.models import DigitsMLP, load_digits_tensors
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def _spawn(fn, world, tmp_path, *args):
+    mp.spawn(fn, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_matches_single_process(world, tmp_path):
+    _spawn(algorithms_worker, world, tmp_path)
+    model, batches, _ = make_case("cnn", seed=31)
+    op = hesd.HessianOperator(model, CE, batches)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = {
+        "hv": op @ v,
+        "loss": op.loss(),
+        "eig": hesd.eigenvalues(op, k=2, which="BE", tol=1e-10).eigenvalues,
+        "trace": hesd.trace(op, "hutchpp", num_matvecs=30, seed=2).estimate,
+        "slq": hesd.slq(op, num_steps=15, num_probes=2, seed=4),
+        "pp": hesd.slq(op, num_steps=15, num_probes=3, seed=4),
+    }
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    assert len({r["n_local"] for r in results}) > 1  # shards really are unequal
+    for r in results:
+        assert r["num_samples"] == 21
+        assert (r["hv"] - ref["hv"]).abs().max() < 1e-12
+        assert abs(r["loss"] - ref["loss"]) < 1e-14
+        assert torch.allclose(r["eig"], ref["eig"], atol=1e-10)
+        assert abs(r["trace"] - ref["trace"]) < 1e-9
+        for got, want in zip(r["slq"]["values"], ref["slq"].values, strict=True):
+            assert np.allclose(got, want, atol=1e-8)
+        for got, want in zip(r["probe_parallel"]["values"], ref["pp"].values, strict=True):
+            assert np.allclose(got, want, atol=1e-10)
+    # Every rank computed bit-identical Lanczos results (same decisions everywhere).
+    for r in results[1:]:
+        assert r["slq"]["values"] == results[0]["slq"]["values"]
+
+
+def test_failing_rank_fails_every_rank_quickly(tmp_path):
+    t = time.time()
+    with pytest.raises(Exception) as err:  # torch.multiprocessing.ProcessRaisedException
+        _spawn(failing_worker, 2, tmp_path)
+    assert time.time() - t < 60
+    msg = str(err.value)
+    assert "DistributedError" in msg and "rank 1" in msg and "loss is nan" in msg
+
+
+@pytest.mark.parametrize("parallel", ["data", "checkpoints"])
+def test_series_distributed_equals_single_process(parallel, tmp_path):
+    from hesd.training import TrainConfig, train_with_checkpoints
+
+    X, y, _, _ = load_digits_tensors()
+    torch.manual_seed(0)
+    ckpts = tmp_path / "ckpts"
+    train_with_checkpoints(DigitsMLP(), X, y, ckpts, TrainConfig(epochs=2, lr=0.05))
+    _spawn(series_worker, 2, tmp_path, str(ckpts), parallel)
+    X64, y64, _, _ = load_digits_tensors(dtype=torch.float64)
+    batches = [(X64[i : i + 300], y64[i : i + 300]) for i in range(0, len(y64), 300)]
+    settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, refine_extremes=False, dtype="float64")
+    ref = hesd.analyze_checkpoints(DigitsMLP, ckpts, batches, settings=settings)
+    for r in range(2):
+        got = torch.load(tmp_path / f"series_rank{r}.pt", weights_only=False)
+        assert np.allclose(got["ct"], ref.table["ct"], atol=1e-8)
+        assert np.allclose(got["lambda_max"], ref.table["lambda_max"], atol=1e-8)
+    from hesd.interfaces.report import load_series
+
+    stored = load_series(tmp_path / "results")
+    assert len(stored.table) == 3 and (stored.table["status"] == "ok").all()
+
+
+def test_cli_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from hesd.training import TrainConfig, train_with_checkpoints
+
+    (tmp_path / "m.py").write_text(textwrap.dedent("""
+        import torch
+        from hesd.models import DigitsMLP, load_digits_tensors
+        def model():
+            return DigitsMLP().double()
+        def data():
+            X, y, _, _ = load_digits_tensors(dtype=torch.float64)
+            return [(X[i:i + 256], y[i:i + 256]) for i in range(0, len(y), 256)]
+    """))  # fmt: skip
+    X, y, _, _ = load_digits_tensors()
+    torch.manual_seed(0)
+    train_with_checkpoints(DigitsMLP(), X, y, tmp_path / "ck", TrainConfig(epochs=1, lr=0.05))
+    hesd_exe = os.path.join(os.path.dirname(sys.executable), "hesd")
+    common = [
+        str(tmp_path / "ck"),
+        "--model",
+        f"{tmp_path / 'm.py'}:model",
+        "--data",
+        f"{tmp_path / 'm.py'}:data",
+        "--steps",
+        "10",
+        "--probes",
+        "2",
+        "--quiet",
+        "--no-landscape",
+        "--no-report",
+        "--dtype",
+        "float64",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--no-python", hesd_exe, "analyze", *common, "--out", str(tmp_path / "dist"),
+                          "--distributed"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = subprocess.run([hesd_exe, "analyze", *common, "--out", str(tmp_path / "single")], capture_output=True,
+                            text=True, timeout=300, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    import pandas as pd
+
+    a = pd.read_csv(tmp_path / "dist" / "results.csv")
+    b = pd.read_csv(tmp_path / "single" / "results.csv")
+    assert np.allclose(a["ct"], b["ct"], atol=1e-8) and np.allclose(a["lambda_max"], b["lambda_max"], rtol=1e-8)
