@@ -134,3 +134,15 @@ def test_cli_under_torchrun(tmp_path):
     a = pd.read_csv(tmp_path / "dist" / "results.csv")
     b = pd.read_csv(tmp_path / "single" / "results.csv")
     assert np.allclose(a["ct"], b["ct"], atol=1e-8) and np.allclose(a["lambda_max"], b["lambda_max"], rtol=1e-8)
+    ckpt = str(tmp_path / "ck" / "epoch_001.pt")
+    spec_args = [ckpt, "--model", f"{tmp_path / 'm.py'}:model", "--data", f"{tmp_path / 'm.py'}:data", "--steps", "10",
+                 "--probes", "2", "--json"]  # fmt: skip
+    dist_spec = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "--no-python", hesd_exe, "spectrum", *spec_args, "--distributed"], capture_output=True,
+                               text=True, timeout=300, env=env)  # fmt: skip
+    assert dist_spec.returncode == 0, dist_spec.stderr[-3000:]
+    one = subprocess.run([hesd_exe, "spectrum", *spec_args], capture_output=True, text=True, timeout=300, env=env)
+    import json
+
+    d1, d2 = json.loads(dist_spec.stdout), json.loads(one.stdout)  # only rank 0 printed
+    assert abs(d1["ct"] - d2["ct"]) < 1e-8 and abs(d1["lambda_max"] - d2["lambda_max"]) < 1e-8 * d2["lambda_max"]

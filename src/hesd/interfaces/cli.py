@@ -297,6 +297,9 @@ def spectrum(
     device: Annotated[str | None, typer.Option("--device", help="Device to run on.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG/PDF).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE).")] = False,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="Data parallel under torchrun: batches sharded round-robin.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the type.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -318,7 +321,14 @@ def spectrum(
         batches = call_factory(load_object(data, "--data"), "--data", data)
         loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
         settings = hesd.AnalysisSettings(num_steps=steps, num_probes=probes, seed=seed, ct_threshold=ct_threshold)
-        row, spec = hesd.analyze_model(net, batches, loss_fn=loss_fn, settings=settings)
+        group, rank = _init_distributed(distributed, device)
+        if group is not None:
+            from ..distributed import shard
+
+            batches = shard(batches, group=group)
+        row, spec = hesd.analyze_model(net, batches, loss_fn=loss_fn, settings=settings, process_group=group)
+        if rank != 0:
+            raise typer.Exit(EXIT_OK)
     except (BadInput, hesd.CheckpointError, hesd.NonFiniteLossError, ValueError) as exc:
         _fail(str(exc))
     if plot is not None:

@@ -226,6 +226,9 @@ class HessianOperator(LinearOperator):
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         caller = "HessianOperator"
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # A model being trained with DDP is analysed locally: DDP's gradient hooks are not wanted here.
+            model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
