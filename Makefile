@@ -31,8 +31,15 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The competitors (PyHessian, curvlinops, hessian-eigenthings) are the `bench` extra, never a runtime
+# dependency. curvlinops pulls torchvision through backpack-for-pytorch; hesd does not use it and
+# PyPI's torchvision wheel does not import beside the pinned CPU torch, so it is removed again.
 bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) -e ".[$(EXTRAS),bench]" "$(TORCH_SPEC)"
+	-$(BIN)/python -m pip uninstall --yes --quiet torchvision
 	$(BIN)/python benchmarks/hvp.py
+	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) hesd-demo .pytest_cache

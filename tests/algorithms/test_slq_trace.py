@@ -158,3 +158,13 @@ def test_plan_basis_fits_budget():
     assert p["reorth"] == "full" and p["basis_dtype"] == torch.bfloat16 and p["basis_bytes"] <= 2 * P * steps
     p = plan_basis(P, steps, torch.float32, 4 * P * 10)
     assert p["reorth"] == "window" and p["window"] == 10 and p["basis_bytes"] <= 4 * P * 10
+
+
+def test_adaptive_slq_stops_early_with_settled_extremes():
+    eigs = torch.cat([torch.linspace(-1, 2, 995, dtype=torch.float64), torch.tensor([-4.0, 5.0, 7.0, 8.0, 12.0])])
+    A = random_symmetric(1000, eigs, seed=12)
+    s = hesd.slq(A, num_steps=300, num_probes=2, seed=1, stop_tol=1e-8)
+    assert all(m < 150 for m in s.info["steps_used"])
+    assert abs(s.lambda_max - 12) < 1e-6 and abs(s.lambda_min + 4) < 1e-6
+    with pytest.raises(ValueError, match="stop_tol must be positive"):
+        hesd.slq(A, num_steps=20, stop_tol=0)

@@ -112,3 +112,17 @@ def test_ct_on_converged_slq_equals_exact_eigenvalue_ratio(name):
     assert c.ct == pytest.approx(expected, abs=1e-8)
     assert c.re == pytest.approx(abs(ev.min() / ev.max()), abs=1e-8)
     assert c.lambda_max == pytest.approx(ev.max(), abs=1e-8)
+
+
+def test_kh05_depends_on_step_count_while_ct_converges():
+    """Documented behaviour: KH05 on raw Ritz values keeps changing with the number of steps."""
+    from helpers import random_symmetric
+
+    g = torch.Generator().manual_seed(3)
+    top = torch.tensor([-0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0], dtype=torch.float64)
+    eigs = torch.cat([0.01 * torch.randn(1990, generator=g, dtype=torch.float64), top])
+    A = random_symmetric(2000, eigs, seed=4)
+    c20 = hesd.criteria(hesd.slq(A, num_steps=20, num_probes=2, seed=0))
+    c200 = hesd.criteria(hesd.slq(A, num_steps=200, num_probes=2, seed=0))
+    assert c20.ct == pytest.approx(c200.ct, abs=1e-6) and c200.ct == pytest.approx(-0.05, abs=1e-9)
+    assert c200.kh05 > 1.5 * c20.kh05

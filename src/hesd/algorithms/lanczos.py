@@ -84,6 +84,7 @@ def lanczos(
     basis_device: str | torch.device | None = None,
     breakdown_tol: float | None = None,
     callback: Callable[[int], None] | None = None,
+    should_stop: Callable[[list[float], list[float]], bool] | None = None,
 ) -> LanczosResult:
     r"""Run ``num_steps`` of the Lanczos recurrence from ``v0``.
 
@@ -105,6 +106,8 @@ def lanczos(
         breakdown_tol: stop when :math:`\beta_j` falls below this; default
             :math:`100\,\epsilon\,\|T\|`.
         callback: called with the step index after each step (progress bars).
+        should_stop: ``should_stop(alphas, betas)`` after each step (``len(betas) ==
+            len(alphas) - 1``); returning ``True`` ends the recurrence early (adaptive SLQ).
 
     Returns:
         :class:`LanczosResult` with float64 coefficients.
@@ -151,6 +154,8 @@ def lanczos(
             break
         if beta <= tol:
             broke = True
+            break
+        if should_stop is not None and should_stop(alphas, betas):
             break
         betas.append(beta)
         q_prev, q, beta_prev = q, w / beta, beta

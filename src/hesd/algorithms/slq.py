@@ -67,6 +67,39 @@ def ritz_from_tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarr
     return theta, w / w.sum()
 
 
+def _extremes(theta: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.array([theta.min(), theta.max()])
+
+
+class _ConvergenceStop:
+    """Stop a probe's Lanczos run once the monitored Ritz quantities have settled."""
+
+    def __init__(self, tol: float, every: int, min_steps: int, quantities=None) -> None:
+        if not tol > 0:
+            raise ValueError(f"slq: stop_tol must be positive, got {tol}")
+        self.tol, self.every, self.min_steps = tol, max(1, every), max(2, min_steps)
+        self.quantities = quantities or _extremes
+        self.prev: np.ndarray | None = None
+        self.calm = 0
+
+    def __call__(self, alphas: list[float], betas: list[float]) -> bool:
+        m = len(alphas)
+        if m < self.min_steps or (m - self.min_steps) % self.every:
+            return False
+        theta, w = ritz_from_tridiagonal(np.asarray(alphas), np.asarray(betas))
+        cur = np.asarray(self.quantities(theta, w), dtype=np.float64)
+        if self.prev is not None:
+            span = max(cur[1] - cur[0], 1e-300)
+            with np.errstate(invalid="ignore"):
+                moved = np.abs(cur - self.prev)
+            same = cur == self.prev  # equal infinities count as settled
+            moved[same] = 0.0
+            moved[:2] /= span
+            self.calm = self.calm + 1 if (moved <= self.tol).all() else 0
+        self.prev = cur
+        return self.calm >= 2
+
+
 def slq(
     A: Any,
     num_steps: int = 100,
@@ -78,6 +111,10 @@ def slq(
     basis_dtype: torch.dtype | None = None,
     basis_device: str | torch.device | None = None,
     callback: Callable[[int, int], None] | None = None,
+    stop_tol: float | None = None,
+    check_every: int = 5,
+    min_steps: int = 10,
+    stop_on: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> Spectrum:
     r"""Estimate the spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -95,6 +132,18 @@ def slq(
         basis_dtype: store the basis in a lower precision (bounded-memory mode).
         basis_device: store the basis elsewhere, e.g. ``"cpu"`` for a model on the GPU.
         callback: ``callback(probe, step)`` after each Lanczos step (progress bars).
+        stop_tol: adaptive mode. Every ``check_every`` steps (from ``min_steps`` on) the
+            probe's Ritz values give the ``stop_on`` quantities; the probe stops when, over
+            two consecutive checks, none of them moved by more than ``stop_tol`` (relative to
+            the spectral range for λmin and λmax, absolute for the criteria). ``num_steps``
+            is then the cap. ``None`` (default): always ``num_steps`` steps.
+        check_every, min_steps: the adaptive schedule.
+        stop_on: ``stop_on(ritz_values, weights) -> array`` of the quantities that must settle;
+            its first two entries are treated as λmin, λmax (compared relative to the range),
+            the rest absolutely. Default: λmin and λmax only.
+            :func:`hesd.analysis.criteria.probe_summary` adds re and Ct (what
+            ``hesd.AnalysisSettings(stop_tol=...)`` uses; KH05 never settles, see
+            :mod:`hesd.analysis.criteria`).
 
     Returns:
         :class:`hesd.Spectrum`. A probe whose Krylov space became invariant (Lanczos
@@ -118,6 +167,7 @@ def slq(
     for p in range(num_probes):
         v0 = rademacher(n, 1, seed, op.dtype, op.device, offset=p)[:, 0]
         step_cb = (lambda j, p=p: callback(p, j)) if callback is not None else None
+        stop = _ConvergenceStop(stop_tol, check_every, min_steps, stop_on) if stop_tol is not None else None
         res = lanczos(
             op,
             v0,
@@ -127,6 +177,7 @@ def slq(
             basis_dtype=basis_dtype,
             basis_device=basis_device,
             callback=step_cb,
+            should_stop=stop,
         )
         theta, w = ritz_from_tridiagonal(res.alpha.numpy(), res.beta.numpy())
         values.append(theta)
@@ -141,5 +192,7 @@ def slq(
         "reorth": reorth,
         "window": window,
         "basis_dtype": str(basis_dtype) if basis_dtype else None,
+        "stop_tol": stop_tol,
+        "steps_used": [len(v) for v in values],
     }
     return spec

@@ -25,6 +25,15 @@ Edge cases (per probe, documented choices):
 * the mean of per-probe :math:`C_t` is the reported :math:`C_t` (``aggregate="mean"``,
   matching how :math:`r_e` and :math:`K_{h,n}` are averaged over runs); ``"pooled"`` takes
   the most negative and most positive Ritz values over all probes instead.
+
+**Step dependence (measured).** :math:`r_e` and :math:`C_t` depend only on the extreme Ritz
+values, which converge fast: on the digits CNN they are within 3e-4 of their 300-step values
+after 20 Lanczos steps. :math:`K_{h,n}` does *not* converge with the number of steps
+:math:`m`: :math:`\sum_i (\lambda_i w_i)^{n}` with :math:`n < 1` is not a quadrature rule,
+and as :math:`m` grows the weights split over more Ritz values and the sums grow (KH05 of the
+same checkpoint: 0.21 at 20 steps, 0.33 at 60, 0.41 at 150, 0.47 at 300). Compare KH05 only
+between spectra taken with the same ``num_steps``. hesd stores the step count with every
+result and refuses to mix settings in one results folder.
 """
 
 from __future__ import annotations
@@ -36,7 +45,14 @@ import numpy as np
 
 from ..algorithms.spectrum import Spectrum
 
-__all__ = ["Criteria", "compare_criteria", "criteria", "per_probe_criteria", "zero_mass"]
+__all__ = [
+    "Criteria",
+    "compare_criteria",
+    "criteria",
+    "per_probe_criteria",
+    "probe_summary",
+    "zero_mass",
+]
 
 
 def per_probe_criteria(values: np.ndarray, weights: np.ndarray, n: float = 0.5) -> tuple[float, float, float]:
@@ -56,6 +72,16 @@ def per_probe_criteria(values: np.ndarray, weights: np.ndarray, n: float = 0.5) 
     else:
         ct = float(lam[neg].min() / lam[pos].max())
     return re, khn, ct
+
+
+def probe_summary(values: np.ndarray, weights: np.ndarray, n: float = 0.5) -> np.ndarray:
+    """``[λmin, λmax, re, Ct]`` of one probe: what adaptive SLQ waits on to settle.
+
+    :math:`K_{h,n}` is left out on purpose: on raw Ritz values it does not converge as
+    Lanczos steps are added (see the module notes), so it cannot signal convergence.
+    """
+    re, _, ct = per_probe_criteria(values, weights, n)
+    return np.array([float(np.min(values)), float(np.max(values)), re, ct])
 
 
 def zero_mass(spectrum: Spectrum, band: float) -> float:

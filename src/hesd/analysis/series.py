@@ -28,7 +28,7 @@ from ..algorithms.spectrum import Spectrum
 from ..errors import CheckpointError, HesdError
 from ..operators.hessian import HessianOperator
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
-from .criteria import compare_criteria, criteria
+from .criteria import compare_criteria, criteria, probe_summary
 from .selection import QSRule, SelectionRule, default_rules, select_all
 from .store import ResultStore
 
@@ -70,6 +70,9 @@ class AnalysisSettings:
         max_memory: bytes for the SLQ basis and the kept first-order graphs together; half
             goes to the basis (see :func:`hesd.algorithms.slq.plan_basis` for the modes and
             their accuracy cost), the rest to graphs. ``None``: full basis, default budget.
+        stop_tol: adaptive SLQ — stop each probe once λmin, λmax, re and Ct have settled to
+            this tolerance (``num_steps`` becomes the cap); see :func:`hesd.slq`. KH05 then
+            refers to a varying step count: leave ``None`` when KH05 matters.
     """
 
     num_steps: int = 80
@@ -91,6 +94,7 @@ class AnalysisSettings:
     qs: QSRule = field(default_factory=QSRule)
     params: list[str] | None = None
     max_memory: int | None = None
+    stop_tol: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.qs, dict):
@@ -190,6 +194,8 @@ def analyze_model(
         graph_budget = s.max_memory - plan["basis_bytes"]
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
                          memory_budget=graph_budget)  # fmt: skip
+    if s.stop_tol is not None:
+        slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
     spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
     crit = criteria(spec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
     row: dict[str, Any] = crit.to_dict()

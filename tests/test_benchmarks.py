@@ -1,0 +1,27 @@
+"""Smoke runs of the benchmark scripts (so they cannot rot); not timing assertions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(*args: str) -> str:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_compare_quick_hesd_only():
+    out = _run(str(BENCH / "compare.py"), "--quick", "--tools", "hesd")
+    for section in ("one Hessian-vector product", "top-5 eigenvalues", "trace", "HESD verdict"):
+        assert section in out
+    assert "error" not in out.lower()
+
+
+def test_hvp_benchmark_quick():
+    out = _run(str(BENCH / "hvp.py"), "--quick")
+    assert "ResNet-20" in out and "double_backward" in out and "gradient" in out
