@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 from common import Config, elapsed, run_configs, save_table, summarise
 
-CLIPS = [None, 1.0, 0.3, 0.1, 0.03, 0.01]
+CLIPS = [None, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
 BLOCKS = [1, 8, 32]
 
 
@@ -23,7 +23,7 @@ def configs(quick: bool, seeds: int) -> list[Config]:
     out = []
     for s in range(seeds):
         out += [Config(model="cnn", clip=c, epochs=12, save_every=4, seed=s) for c in CLIPS]
-        for m, lr in (("vit", 0.02), ("cnn", 0.05)):
+        for m, lr in (("vit", 0.02), ("cnn", 0.05)) if s == 0 else (("cnn", 0.05),):
             out += [Config(model=m, optimizer="adahessian", lr=lr, block=b, epochs=12, save_every=4, seed=s)
                     for b in BLOCKS]  # fmt: skip
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesd
@@ -126,14 +127,21 @@ def train(cfg: Config, ckpt_dir: Path) -> None:
         for xb, yb in loader:
             if cfg.data == "augmented":
                 xb = _augment(xb, g)
-            loss = CE(model(xb), yb)
+            if cfg.optimizer == "adahessian":  # fused CPU attention has no second derivative: math kernel
+                with sdpa_kernel(SDPBackend.MATH):
+                    loss = CE(model(xb), yb)
+            else:
+                loss = CE(model(xb), yb)
             if cfg.optimizer == "adahessian":
-                grads = torch.autograd.grad(loss, params, create_graph=True)
+                with sdpa_kernel(SDPBackend.MATH):
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
                 for p, gr in zip(params, grads, strict=True):
                     p.grad = gr.detach().clone()
                 if cfg.clip is not None:
                     nn.utils.clip_grad_norm_(params, cfg.clip)
-                opt.step(hessian=_averaged_hessian_diag(params, grads, cfg.block, g))
+                with sdpa_kernel(SDPBackend.MATH):
+                    diag = _averaged_hessian_diag(params, grads, cfg.block, g)
+                opt.step(hessian=diag)
             else:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

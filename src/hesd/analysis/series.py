@@ -451,11 +451,13 @@ def _analyze_one(
         error = CheckpointError(f"{info.path}: cannot read ({exc.strerror})")
     base["sha256"] = digest
     prev = cached.get(ident)
-    if error is None and prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest:
-        if group is None or consensus(group, None) is None:
-            if progress:
-                progress("cached", prev)
-            return prev
+    reuse = error is None and prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest
+    if group is not None:  # every rank must take the same branch, or the collectives below would deadlock
+        reuse = consensus(group, None if reuse else RuntimeError("recompute")) is None
+    if reuse:
+        if progress:
+            progress("cached", prev)
+        return prev
     if progress:
         progress("checkpoint", info)
     if error is None:
