@@ -261,7 +261,7 @@ def reference(model_name: str, args) -> dict:
         ref["trace"], ref["trace_se"] = tr.estimate, tr.stderr
     s = hesd.slq(op32, args.ref_steps, 1, seed=0)
     c = hesd.criteria(s)
-    ref.update(ct=c.ct, re=c.re, kh05=c.kh05, hesd_type=c.hesd_type)
+    ref.update(ct=c.ct, re=c.re, kh05=c.kh05, hesd_type=c.hesd_type, steps=args.ref_steps)
     return ref
 
 
@@ -377,7 +377,7 @@ def _print_model(m: str, ref: dict, res: dict, tools, tasks) -> None:
             print(f"Hutch++ stderr {h['stderr']:.3g} with {h['hvps']} HVPs; Hutchinson needs ≈{need:.0f} HVPs for it "
                   f"({need / h['hvps']:.1f}x more)")  # fmt: skip
     if "verdict" in tasks:
-        print(f"\n### HESD verdict (reference, {ref.get('ct') is not None and 300} steps: Ct {ref['ct']:.4f}, "
+        print(f"\n### HESD verdict (reference, {ref['steps']} steps: Ct {ref['ct']:.4f}, "
               f"re {ref['re']:.4f}, KH05 {ref['kh05']:.4f}, {ref['hesd_type']})")  # fmt: skip
         print(f"{'tool':<22} {'seconds':>8} {'HVPs':>5} {'Ct':>8} {'re':>8} {'KH05':>7} {'type':>4} {'peak MB':>8}")
         for t in tools:
