@@ -105,7 +105,7 @@ class Criteria:
     Attributes:
         re, re_std, re_se: :math:`r_e`.
         khn, khn_std, khn_se: :math:`K_{h,n}` at ``n``.
-        kh05: :math:`K_{h,0.5}` (KH05), whatever ``n`` is.
+        kh05, kh05_std: :math:`K_{h,0.5}` (KH05), whatever ``n`` is, and its std across probes.
         ct, ct_std, ct_se: :math:`C_t` (mean over probes); ``ct_pooled`` over all probes at once.
         hesd_type: ``"MP"`` or ``"MN"`` (from ``ct`` and ``ct_threshold``).
         lambda_min, lambda_max: extreme Ritz values over all probes.
@@ -124,6 +124,7 @@ class Criteria:
     khn_std: float
     khn_se: float
     kh05: float
+    kh05_std: float
     ct: float
     ct_std: float
     ct_se: float
@@ -201,7 +202,7 @@ def criteria(
     lmin, lmax = spectrum.lambda_min, spectrum.lambda_max
     return Criteria(
         re=re, re_std=re_std, re_se=re_se,
-        khn=khn, khn_std=khn_std, khn_se=khn_se, kh05=float(np.mean(kh05)),
+        khn=khn, khn_std=khn_std, khn_se=khn_se, kh05=float(np.mean(kh05)), kh05_std=_stats(np.array(kh05))[1],
         ct=ct, ct_std=ct_std, ct_se=ct_se, ct_pooled=pooled,
         hesd_type="MP" if decisive > ct_threshold else "MN",
         lambda_min=lmin, lambda_max=lmax, width=lmax - lmin,

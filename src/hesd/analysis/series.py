@@ -199,8 +199,6 @@ def analyze_model(
     spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
     crit = criteria(spec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
     row: dict[str, Any] = crit.to_dict()
-    row["kh05_std"] = float(np.std([_kh05(v, w) for v, w in zip(spec.values, spec.weights, strict=True)], ddof=1)) \
-        if spec.num_probes > 1 else math.nan  # fmt: skip
     row["slq_lambda_min"], row["slq_lambda_max"] = crit.lambda_min, crit.lambda_max
     if s.refine_extremes:
         ends = eigenvalues(op, k=2, which="BE", tol=s.extreme_tol, seed=s.seed, warn=False)
@@ -244,12 +242,6 @@ def select_params(model: nn.Module, patterns: list[str]) -> list[str]:
     if not names:
         raise ValueError(f"params patterns {patterns} match no trainable parameter of the model")
     return names
-
-
-def _kh05(v: np.ndarray, w: np.ndarray) -> float:
-    from .criteria import per_probe_criteria
-
-    return per_probe_criteria(v, w, 0.5)[1]
 
 
 @dataclass
