@@ -407,18 +407,15 @@ def analyze_checkpoints(
             new_rows = [_analyze_one(model, chunk[0], data, loss_fn, heldout, evaluate, s, cached, trust_pickle,
                                      progress, group)]  # fmt: skip
         for row in new_rows:
+            is_new = row.pop("_new", False)
             rows.append(row)
-            if store is not None and row.get("_new"):
-                store.put(ResultStore.key_for(row["checkpoint"]), {k: v for k, v in row.items() if k != "_new"})
-        if store is not None:
+            if store is not None and is_new:
+                store.put(ResultStore.key_for(row["checkpoint"]), row)
+        if store is not None:  # the tables on disk follow every finished checkpoint
             table, selections, _ = build_table(rows, s, rules)
             store.write_tables(_records(table))
             store.write_json("selection.json", selections)
-    rows = [{k: v for k, v in r.items() if k != "_new"} for r in rows]
     table, selections, spectra = build_table(rows, s, rules)
-    if store is not None:
-        store.write_tables(_records(table))
-        store.write_json("selection.json", selections)
     failed = [(r["checkpoint"], r["error"]) for r in rows if r["status"] != "ok"]
     return SeriesResult(table, selections, spectra, failed, Path(out_dir) if out_dir else None, s)
 
