@@ -23,14 +23,14 @@ def configs(quick: bool, seeds: int) -> list[Config]:
     out = []
     for s in range(seeds):
         out += [Config(model="cnn", clip=c, epochs=12, save_every=4, seed=s) for c in CLIPS]
-        for m, lr in (("vit", 0.02), ("cnn", 0.05)) if s == 0 else (("cnn", 0.05),):
+        for m, lr in (("vit", 0.02), ("cnn", 0.05)):
             out += [Config(model=m, optimizer="adahessian", lr=lr, block=b, epochs=12, save_every=4, seed=s)
                     for b in BLOCKS]  # fmt: skip
     return out
 
 
 def main() -> None:
-    args, _, tables, t0 = run_configs(__doc__, configs, default_seeds=2)
+    args, _, tables, t0 = run_configs(__doc__, configs, default_seeds=3)
     all_t = pd.concat(tables, ignore_index=True)
     all_t["clip"] = all_t["clip"].fillna(float("inf"))
     clip = summarise([all_t[all_t["optimizer"] != "adahessian"]], ["model", "clip"])
