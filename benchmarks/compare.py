@@ -31,7 +31,8 @@ from torch import nn
 
 CE = nn.functional.cross_entropy
 TOOLS = ("hesd", "pyhessian", "curvlinops", "eigenthings")
-TASKS = ("hvp", "top5", "trace", "verdict")
+TASKS = ("hvp", "hvp8", "top5", "trace", "verdict")
+DEVICE = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -43,20 +44,70 @@ def _vm(key: str) -> float:
     return math.nan
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _now() -> float:
+    _sync()
+    return time.perf_counter()
+
+
+TRAINED = False
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+
+
+def _train(model_name: str, model, X, y) -> None:
+    """Deterministic training for ``--trained``, cached on disk: the MLP 30 epochs of SGD with
+    momentum on the digits (mini-batches of 64); ResNet-20 150 full-batch Adam steps on its 128
+    random samples (it memorises them). A trained network's Hessian has a few large outliers
+    over a bulk near zero, unlike the nearly symmetric spectrum at initialisation."""
+    path = os.path.join(CACHE, f"{model_name}_trained_{DEVICE.type}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    if model_name == "mlp":
+        opt, steps = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 30
+        for _ in range(steps):
+            perm = torch.randperm(len(y), generator=g).to(DEVICE)
+            for i in range(0, len(y), 64):
+                idx = perm[i : i + 64]
+                opt.zero_grad()
+                CE(model(X[idx]), y[idx]).backward()
+                opt.step()
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(150):
+            opt.zero_grad()
+            CE(model(X), y).backward()
+            opt.step()
+    model.eval()
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
 def make(model_name: str, dtype=torch.float32):
     from hesd.models import DigitsMLP, load_digits_tensors, resnet20
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # built (and trained) in float32, then cast: the float64 reference sees the same model
     if model_name == "mlp":
-        X, y, _, _ = load_digits_tensors(dtype=dtype)
-        model = DigitsMLP().to(dtype)
+        X, y, _, _ = load_digits_tensors()
+        model = DigitsMLP()
     else:
         g = torch.Generator().manual_seed(0)
-        X = torch.randn(128, 3, 32, 32, generator=g, dtype=dtype)
+        X = torch.randn(128, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (128,), generator=g)
-        model = resnet20().to(dtype)
+        model = resnet20()
+    model, X, y = model.to(DEVICE), X.to(DEVICE), y.to(DEVICE)
+    if TRAINED:
+        _train(model_name, model, X, y)
     model.eval()
-    return model, X, y
+    return model.to(dtype), X.to(dtype), y
 
 
 def _shim_torch_eig() -> None:
@@ -77,11 +128,12 @@ class Counter:
 
 def time_per_call(fn, repeats: int, min_seconds: float = 0.5) -> float:
     """Seconds per call: at least ``repeats`` calls and at least ``min_seconds`` in all (ms-scale HVPs)."""
-    calls, t = 0, time.perf_counter()
+    calls, t = 0, _now()
     while calls < repeats or time.perf_counter() - t < min_seconds:
         fn()
         calls += 1
-    return (time.perf_counter() - t) / calls
+        _sync()
+    return (_now() - t) / calls
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -89,19 +141,27 @@ def run_hesd(task: str, model, X, y, args) -> dict:
     import hesd
     from hesd.analysis.criteria import probe_summary
 
-    op = hesd.HessianOperator(model, CE, (X, y))
-    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=X.dtype)
+    op = hesd.HessianOperator(model, CE, (X, y), batch_columns=args.batch_columns)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=X.dtype).to(DEVICE)
     op @ v  # warm-up (and the one-off preparation pass), as for every tool
     op.num_matvecs = 0
-    t = time.perf_counter()
+    t = _now()
     if task == "hvp":
         return {"seconds": time_per_call(lambda: op @ v, args.repeats), "hvps": 1}
+    if task == "hvp8":
+        V = torch.randn(op.shape[0], 8, generator=torch.Generator().manual_seed(0), dtype=X.dtype).to(DEVICE)
+        single = hesd.HessianOperator(model, CE, (X, y), batch_columns=1)
+        batched = hesd.HessianOperator(model, CE, (X, y), batch_columns=8)
+        err = float((single @ V - batched @ V).abs().max() / (single @ V).abs().max())
+        return {"seconds": time_per_call(lambda: batched @ V, args.repeats) / 8,
+                "single_seconds": time_per_call(lambda: single @ V, args.repeats) / 8, "hvps": 8,
+                "rel_diff": err}  # fmt: skip
     if task == "top5":
-        r = hesd.eigenvalues(op, k=5, which="LA", tol=args.eig_tol, seed=0)
-        return {"seconds": time.perf_counter() - t, "hvps": r.num_matvecs, "values": r.eigenvalues.tolist()}
+        r = hesd.eigenvalues(op, k=5, which="LA", tol=args.eig_tol, seed=0, stop=args.eig_stop)
+        return {"seconds": _now() - t, "hvps": r.num_matvecs, "values": r.eigenvalues.tolist()}
     if task == "trace":
         r = hesd.trace(op, "hutchpp", num_matvecs=args.trace_matvecs, seed=0)
-        seconds = time.perf_counter() - t  # Hutch++ only; the Hutchinson run below is for the comparison
+        seconds = _now() - t  # Hutch++ only; the Hutchinson run below is for the comparison
         rh = hesd.trace(op, "hutchinson", num_matvecs=args.trace_matvecs, seed=1)
         # Hutchinson products needed for Hutch++'s standard error: (sample std / stderr)^2.
         std_h = float(rh.samples.std(unbiased=True))
@@ -111,13 +171,13 @@ def run_hesd(task: str, model, X, y, args) -> dict:
     if task == "verdict":
         out = {}
         s = hesd.slq(op, args.verdict_cap, 1, seed=0, stop_tol=args.stop_tol, stop_on=probe_summary)
-        out["seconds"] = time.perf_counter() - t
+        out["seconds"] = _now() - t
         out["hvps"] = s.num_matvecs
         c = hesd.criteria(s)
         out.update(ct=c.ct, re=c.re, kh05=c.kh05, hesd_type=c.hesd_type, steps=s.info["steps_used"])
-        t = time.perf_counter()
+        t = _now()
         s100 = hesd.slq(op, 100, 1, seed=0)
-        out["fixed100_seconds"] = time.perf_counter() - t
+        out["fixed100_seconds"] = _now() - t
         c100 = hesd.criteria(s100)
         out.update(fixed100_ct=c100.ct, fixed100_re=c100.re, fixed100_kh05=c100.kh05)
         out["one_hvp_seconds"] = time_per_call(lambda: op @ v, 5)
@@ -137,26 +197,28 @@ def run_pyhessian(task: str, model, X, y, args) -> dict:
         return orig(*a, **k)
 
     ph.hessian_vector_product = counted
-    comp = ph.hessian(model, CE, data=(X, y), cuda=False)
+    comp = ph.hessian(model, CE, data=(X, y), cuda=DEVICE.type == "cuda")
     orig(comp.gradsH, comp.params, [torch.randn_like(p) for p in comp.params])  # warm-up
-    t = time.perf_counter()
+    t = _now()
     if task == "hvp":
         v = [torch.randn_like(p) for p in comp.params]
         return {"seconds": time_per_call(lambda: orig(comp.gradsH, comp.params, v), args.repeats), "hvps": 1}
+    if task == "hvp8":
+        return {"skipped": "multiplies one vector at a time"}
     if task == "top5":
         vals, _ = comp.eigenvalues(top_n=5, tol=1e-3)
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n, "values": sorted(vals, reverse=True)}
+        return {"seconds": _now() - t, "hvps": Counter.n, "values": sorted(vals, reverse=True)}
     if task == "trace":
         vals = comp.trace(tol=1e-3)
         n = len(vals)
         est = float(sum(vals) / n)
         se = float(torch.tensor(vals).std() / math.sqrt(n)) if n > 1 else math.nan
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n, "estimate": est, "stderr": se}
+        return {"seconds": _now() - t, "hvps": Counter.n, "estimate": est, "stderr": se}
     if task == "verdict":
         import hesd
 
         eig, w = comp.density(iter=100, n_v=1)
-        sec = time.perf_counter() - t
+        sec = _now() - t
         c = hesd.criteria(hesd.Spectrum.from_ritz(eig, w))
         return {"seconds": sec, "hvps": Counter.n, "ct": c.ct, "re": c.re, "kh05": c.kh05, "hesd_type": c.hesd_type}
     raise ValueError(task)
@@ -169,7 +231,7 @@ def run_curvlinops(task: str, model, X, y, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)])
     n = sum(p.numel() for p in params)
-    op @ torch.randn(n, dtype=X.dtype)  # warm-up
+    op @ torch.randn(n, dtype=X.dtype, device=DEVICE)  # warm-up
     orig = op._matmat
 
     def counted(M):
@@ -178,17 +240,20 @@ def run_curvlinops(task: str, model, X, y, args) -> dict:
         return orig(M)
 
     op._matmat = counted
-    t = time.perf_counter()
+    t = _now()
     if task == "hvp":
-        v = torch.randn(n, dtype=X.dtype)
+        v = torch.randn(n, dtype=X.dtype, device=DEVICE)
         return {"seconds": time_per_call(lambda: op @ v, args.repeats), "hvps": 1}
+    if task == "hvp8":
+        V = torch.randn(n, 8, dtype=X.dtype, device=DEVICE)
+        return {"seconds": time_per_call(lambda: op @ V, args.repeats) / 8, "hvps": 8}
     if task == "top5":
         vals = eigsh(op.to_scipy(), k=5, which="LA", tol=1e-3, return_eigenvectors=False)
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n, "values": sorted(vals.tolist(), reverse=True)}
+        return {"seconds": _now() - t, "hvps": Counter.n, "values": sorted(vals.tolist(), reverse=True)}
     if task == "trace":
         torch.manual_seed(0)
         est = float(curvlinops.hutchpp_trace(op, num_matvecs=args.trace_matvecs))
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n, "estimate": est, "stderr": math.nan}
+        return {"seconds": _now() - t, "hvps": Counter.n, "estimate": est, "stderr": math.nan}
     if task == "verdict":
         return {"skipped": "curvlinops' density has no Ritz weights per probe to compute the criteria on"}
     raise ValueError(task)
@@ -198,7 +263,7 @@ def run_eigenthings(task: str, model, X, y, args) -> dict:
     import hessian_eigenthings as he
 
     op = he.HessianOperator(model, [(X, y)], he.supervised_loss(CE))
-    op.matvec(torch.randn(sum(p.numel() for p in model.parameters()), dtype=X.dtype))  # warm-up
+    op.matvec(torch.randn(sum(p.numel() for p in model.parameters()), dtype=X.dtype, device=DEVICE))  # warm-up
     orig = op.matvec
 
     def counted(v):
@@ -207,39 +272,52 @@ def run_eigenthings(task: str, model, X, y, args) -> dict:
 
     op.matvec = counted
     n = sum(p.numel() for p in model.parameters())
-    t = time.perf_counter()
+    t = _now()
     if task == "hvp":
-        v = torch.randn(n, dtype=X.dtype)
+        v = torch.randn(n, dtype=X.dtype, device=DEVICE)
         return {"seconds": time_per_call(lambda: orig(v), args.repeats), "hvps": 1}
+    if task == "hvp8":
+        return {"skipped": "multiplies one vector at a time"}
     if task == "top5":
         # reorthogonalize=True: without it, its Lanczos returns ghost copies of λmax as the
         # iteration count grows (5 × λmax after 120 steps on the digits MLP) with converged=True.
         r = he.lanczos(op, k=5, which="LA", tol=1e-3, seed=0, max_iter=args.eigenthings_iter, reorthogonalize=True)
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n,
+        return {"seconds": _now() - t, "hvps": Counter.n,
                 "values": sorted(r.eigenvalues.tolist(), reverse=True),
                 "converged": bool(torch.as_tensor(r.converged).all())}  # fmt: skip
     if task == "trace":
         r = he.hutch_plus_plus(op, num_matvecs=args.trace_matvecs, seed=0)
-        return {"seconds": time.perf_counter() - t, "hvps": Counter.n, "estimate": r.estimate, "stderr": r.stderr}
+        return {"seconds": _now() - t, "hvps": Counter.n, "estimate": r.estimate, "stderr": r.stderr}
     if task == "verdict":
         return {"skipped": "not run: its density reports no per-probe Ritz weights"}
     raise ValueError(task)
 
 
-def worker(tool: str, task: str, model_name: str, args) -> None:
+def _set_device(args) -> None:
+    global DEVICE, TRAINED
+    DEVICE = torch.device(args.device)
+    TRAINED = args.trained
     torch.set_num_threads(args.threads)
+
+
+def worker(tool: str, task: str, model_name: str, args) -> None:
+    _set_device(args)
     model, X, y = make(model_name)
     base = _vm("VmRSS")
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     fn = {"hesd": run_hesd, "pyhessian": run_pyhessian, "curvlinops": run_curvlinops, "eigenthings": run_eigenthings}
     out = fn[tool](task, model, X, y, args)
     out.update(peak_mb=_vm("VmHWM"), extra_mb=_vm("VmHWM") - base)
+    if DEVICE.type == "cuda":  # GPU memory is the one that matters there
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(out))
 
 
 def reference(model_name: str, args) -> dict:
     import hesd
 
-    torch.set_num_threads(args.threads)
+    _set_device(args)
     model, X, y = make(model_name, getattr(torch, args.ref_dtype))
     op = hesd.HessianOperator(model, CE, (X, y))
     top = hesd.eigenvalues(op, k=5, which="LA", tol=args.ref_eig_tol, seed=1, max_matvecs=400, max_basis=80)
@@ -252,7 +330,7 @@ def reference(model_name: str, args) -> dict:
     op32 = hesd.HessianOperator(model32, CE, (X32, y32))
     if model_name == "mlp":
         P = op.shape[0]
-        eye = torch.eye(P, dtype=torch.float64)
+        eye = torch.eye(P, dtype=op.dtype, device=DEVICE)
         ref["trace"] = float(sum(float(torch.diagonal(op @ eye[:, i : i + 256], offset=-i).sum())
                                  for i in range(0, P, 256)))  # fmt: skip
         ref["trace_se"] = 0.0
@@ -281,6 +359,20 @@ def main() -> None:
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every tool runs there)")
+    ap.add_argument("--trained", action="store_true", help="train the models first (cached in benchmarks/.cache)")
+    ap.add_argument(
+        "--batch-columns",
+        type=int,
+        default=None,
+        help="hesd's HessianOperator(batch_columns=...); default: 8 on a GPU, 1 on the CPU",
+    )
+    ap.add_argument(
+        "--eig-stop",
+        default="residual",
+        choices=("residual", "gap"),
+        help="hesd eigenvalues' stopping rule (see hesd.eigenvalues)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eig-tol", type=float, default=1e-3)
     ap.add_argument("--trace-matvecs", type=int, default=60)
@@ -314,8 +406,13 @@ def main() -> None:
                    f"--trace-matvecs={args.trace_matvecs}", f"--verdict-cap={args.verdict_cap}",
                    f"--stop-tol={args.stop_tol}", f"--ref-steps={args.ref_steps}",
                    f"--ref-trace-matvecs={args.ref_trace_matvecs}", f"--eigenthings-iter={args.eigenthings_iter}",
-                   f"--ref-eig-tol={args.ref_eig_tol}", f"--ref-dtype={args.ref_dtype}"]  # fmt: skip
-    print(f"# torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; one subprocess per cell")
+                   f"--ref-eig-tol={args.ref_eig_tol}", f"--ref-dtype={args.ref_dtype}", f"--device={args.device}",
+                   f"--eig-stop={args.eig_stop}"] + (["--trained"] if args.trained else [])  # fmt: skip
+    if args.batch_columns is not None:
+        passthrough.append(f"--batch-columns={args.batch_columns}")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
+    state = "trained (--trained)" if args.trained else "at initialisation"
+    print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell")
     everything = {}
     for m in models:
         ref = _spawn(["--reference", m, *passthrough])
@@ -347,6 +444,19 @@ def _print_model(m: str, ref: dict, res: dict, tools, tasks) -> None:
                 print(f"{t:<12} {r['seconds']:9.4f} {ratio:8.2f} {r['peak_mb']:8.0f}")
             else:
                 print(f"{t:<12} {r.get('error', r.get('skipped'))}")
+    if "hvp8" in tasks:
+        print("\n### a block of 8 vectors: seconds per HVP")
+        for t in tools:
+            r = res[t]["hvp8"]
+            if "seconds" not in r:
+                print(f"{t:<12} {r.get('error', r.get('skipped'))}")
+                continue
+            line = f"{t:<12} {r['seconds']:9.5f} per HVP in one block"
+            if "single_seconds" in r:
+                gain = r["single_seconds"] / r["seconds"]
+                line += (f"; one at a time {r['single_seconds']:.5f} → batching {gain:.2f}x"
+                         f" (max rel. difference {r['rel_diff']:.1e})")  # fmt: skip
+            print(line + f"; peak MB {r['peak_mb']:.0f}")
     if "top5" in tasks:
         print(f"\n### top-5 eigenvalues (reference {', '.join(f'{v:.5g}' for v in ref['top5'])}; residual "
               f"{ref['top5_residual']:.1e}, {ref['top5_matvecs']} HVPs)")  # fmt: skip

@@ -74,6 +74,27 @@ def test_hvp_matches_dense_hessian(case, method):
     assert op.num_matvecs == 4
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_columns_match_dense_hessian(case, method):
+    """Columns pushed through one vmapped backward (``batch_columns``) equal the dense product."""
+    name, model, batches, _ = case
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches, hvp_method=method, batch_columns=4)
+    assert op.batch_columns == 4
+    V = torch.randn(H.shape[0], 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    HV = op @ V  # blocks of 4 and 3 columns
+    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max())), (name, method)
+    assert op.num_matvecs == 7
+
+
+def test_batch_columns_default_and_validation():
+    model, batches, _ = make_case("mlp", seed=3)
+    assert hesd.HessianOperator(model, CE, batches).batch_columns == 1  # CPU: one column per pass (measured)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="batch_columns"):
+            hesd.HessianOperator(model, CE, batches, batch_columns=bad)
+
+
 def test_unused_parameter_has_zero_hessian_rows():
     model, batches, _ = make_case("unused", seed=3)
     H = hesd.exact_hessian(model, CE, batches)
@@ -318,3 +339,21 @@ def test_bfloat16_autocast_error_against_float64():
     assert err32 < 1e-5
     assert 1e-5 < err16 < 0.1  # bf16 forward: percent-level error, measured here
     assert mixed.dtype == torch.float32
+
+
+def test_auto_chooses_a_block_method_by_timing_and_stays_exact():
+    model, batches, _ = make_case("cnn", seed=9)
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches, batch_columns=3)
+    assert op.block_method is None
+    V = torch.randn(H.shape[0], 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    first = op @ V  # the first block is timed both ways
+    assert op.block_method in ("graph", "func") and set(op.block_timings) == {"graph", "func"}
+    second = op @ V  # later blocks use the chosen method
+    for HV in (first, second):
+        assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert op.num_matvecs == 10
+    single = hesd.HessianOperator(model, CE, batches)
+    single @ V
+    assert single.block_method is None  # one column per pass: nothing to choose
+    assert hesd.HessianOperator(model, CE, batches, hvp_method="func").block_method == "func"

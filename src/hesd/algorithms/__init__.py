@@ -1,7 +1,7 @@
 """Model-free spectral algorithms; each accepts a hesd operator, a tensor or a SciPy operator."""
 
 from ._common import EigenResult, TraceResult
-from .lanczos import LanczosResult, eigenvalues, lanczos
+from .lanczos import LanczosResult, eigenvalues, lanczos, lanczos_lockstep
 from .power import power_iteration
 from .slq import ritz_from_tridiagonal, slq
 from .spectrum import Spectrum
@@ -14,6 +14,7 @@ __all__ = [
     "TraceResult",
     "eigenvalues",
     "lanczos",
+    "lanczos_lockstep",
     "power_iteration",
     "ritz_from_tridiagonal",
     "slq",

@@ -191,6 +191,7 @@ def analyze_model(
         dtype = next(model.parameters()).dtype
         plan = plan_basis(P, s.num_steps, dtype, s.max_memory // 2)
         slq_kw = {k: plan[k] for k in ("reorth", "window", "basis_dtype")}
+        slq_kw["lockstep"] = 1  # the basis budget is for one probe at a time
         graph_budget = s.max_memory - plan["basis_bytes"]
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
                          memory_budget=graph_budget)  # fmt: skip
