@@ -31,7 +31,7 @@ from torch import nn
 
 CE = nn.functional.cross_entropy
 TOOLS = ("hesd", "pyhessian", "curvlinops", "eigenthings")
-TASKS = ("hvp", "hvp8", "top5", "trace", "verdict")
+TASKS = ("hvp", "hvp8", "top5", "trace", "verdict", "slq8")  # slq8 runs by default on a GPU only
 DEVICE = torch.device("cpu")
 
 
@@ -157,7 +157,7 @@ def run_hesd(task: str, model, X, y, args) -> dict:
                 "single_seconds": time_per_call(lambda: single @ V, args.repeats) / 8, "hvps": 8,
                 "rel_diff": err}  # fmt: skip
     if task == "top5":
-        r = hesd.eigenvalues(op, k=5, which="LA", tol=args.eig_tol, seed=0, stop=args.eig_stop)
+        r = hesd.eigenvalues(op, k=5, which="LA", tol=args.eig_tol, seed=0)
         return {"seconds": _now() - t, "hvps": r.num_matvecs, "values": r.eigenvalues.tolist()}
     if task == "trace":
         r = hesd.trace(op, "hutchpp", num_matvecs=args.trace_matvecs, seed=0)
@@ -168,6 +168,16 @@ def run_hesd(task: str, model, X, y, args) -> dict:
         return {"seconds": seconds, "hvps": r.num_matvecs, "estimate": r.estimate,
                 "stderr": r.stderr, "hutchinson_stderr": rh.stderr,
                 "hutchinson_hvps_for_same_stderr": (std_h / r.stderr) ** 2}  # fmt: skip
+    if task == "slq8":  # 8 probes x 50 steps: in lockstep (one block product per step) vs one probe at a time
+        t = _now()
+        block = hesd.slq(op, 50, 8, seed=0, lockstep=8)
+        out = {"seconds": _now() - t, "hvps": block.num_matvecs, "block_method": op.block_method}
+        t = _now()
+        one = hesd.slq(op, 50, 8, seed=0, lockstep=1)
+        out["sequential_seconds"] = _now() - t
+        out["max_diff_extremes"] = max(max(abs(a[0] - b[0]), abs(a[-1] - b[-1]))
+                                       for a, b in zip(block.values, one.values, strict=True))  # fmt: skip
+        return out
     if task == "verdict":
         out = {}
         s = hesd.slq(op, args.verdict_cap, 1, seed=0, stop_tol=args.stop_tol, stop_on=probe_summary)
@@ -203,7 +213,7 @@ def run_pyhessian(task: str, model, X, y, args) -> dict:
     if task == "hvp":
         v = [torch.randn_like(p) for p in comp.params]
         return {"seconds": time_per_call(lambda: orig(comp.gradsH, comp.params, v), args.repeats), "hvps": 1}
-    if task == "hvp8":
+    if task in ("hvp8", "slq8"):
         return {"skipped": "multiplies one vector at a time"}
     if task == "top5":
         vals, _ = comp.eigenvalues(top_n=5, tol=1e-3)
@@ -254,7 +264,7 @@ def run_curvlinops(task: str, model, X, y, args) -> dict:
         torch.manual_seed(0)
         est = float(curvlinops.hutchpp_trace(op, num_matvecs=args.trace_matvecs))
         return {"seconds": _now() - t, "hvps": Counter.n, "estimate": est, "stderr": math.nan}
-    if task == "verdict":
+    if task in ("verdict", "slq8"):
         return {"skipped": "curvlinops' density has no Ritz weights per probe to compute the criteria on"}
     raise ValueError(task)
 
@@ -276,7 +286,7 @@ def run_eigenthings(task: str, model, X, y, args) -> dict:
     if task == "hvp":
         v = torch.randn(n, dtype=X.dtype, device=DEVICE)
         return {"seconds": time_per_call(lambda: orig(v), args.repeats), "hvps": 1}
-    if task == "hvp8":
+    if task in ("hvp8", "slq8"):
         return {"skipped": "multiplies one vector at a time"}
     if task == "top5":
         # reorthogonalize=True: without it, its Lanczos returns ghost copies of λmax as the
@@ -357,7 +367,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="digits MLP only, small budgets (CI smoke)")
     ap.add_argument("--models", default=None, help="comma list: mlp,resnet20")
     ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=None, help=f"comma list of {','.join(TASKS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every tool runs there)")
     ap.add_argument("--trained", action="store_true", help="train the models first (cached in benchmarks/.cache)")
@@ -366,12 +376,6 @@ def main() -> None:
         type=int,
         default=None,
         help="hesd's HessianOperator(batch_columns=...); default: 8 on a GPU, 1 on the CPU",
-    )
-    ap.add_argument(
-        "--eig-stop",
-        default="residual",
-        choices=("residual", "gap"),
-        help="hesd eigenvalues' stopping rule (see hesd.eigenvalues)",
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eig-tol", type=float, default=1e-3)
@@ -401,13 +405,16 @@ def main() -> None:
     if args.quick:
         args.ref_steps, args.ref_trace_matvecs, args.repeats = 120, 120, 2
     models = (args.models or ("mlp" if args.quick else "mlp,resnet20")).split(",")
-    tools, tasks = args.tools.split(","), args.tasks.split(",")
+    default_tasks = TASKS if args.device.startswith("cuda") else TASKS[:-1]
+    tools, tasks = args.tools.split(","), (args.tasks.split(",") if args.tasks else list(default_tasks))
     passthrough = [f"--threads={args.threads}", f"--repeats={args.repeats}", f"--eig-tol={args.eig_tol}",
                    f"--trace-matvecs={args.trace_matvecs}", f"--verdict-cap={args.verdict_cap}",
                    f"--stop-tol={args.stop_tol}", f"--ref-steps={args.ref_steps}",
                    f"--ref-trace-matvecs={args.ref_trace_matvecs}", f"--eigenthings-iter={args.eigenthings_iter}",
-                   f"--ref-eig-tol={args.ref_eig_tol}", f"--ref-dtype={args.ref_dtype}", f"--device={args.device}",
-                   f"--eig-stop={args.eig_stop}"] + (["--trained"] if args.trained else [])  # fmt: skip
+                   f"--ref-eig-tol={args.ref_eig_tol}", f"--ref-dtype={args.ref_dtype}",
+                   f"--device={args.device}"]  # fmt: skip
+    if args.trained:
+        passthrough.append("--trained")
     if args.batch_columns is not None:
         passthrough.append(f"--batch-columns={args.batch_columns}")
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
@@ -486,6 +493,11 @@ def _print_model(m: str, ref: dict, res: dict, tools, tasks) -> None:
             need = h["hutchinson_hvps_for_same_stderr"]
             print(f"Hutch++ stderr {h['stderr']:.3g} with {h['hvps']} HVPs; Hutchinson needs ≈{need:.0f} HVPs for it "
                   f"({need / h['hvps']:.1f}x more)")  # fmt: skip
+    if "slq8" in tasks and "seconds" in hesd_row.get("slq8", {}):
+        r = hesd_row["slq8"]
+        print(f"\n### SLQ, 8 probes × 50 steps: in lockstep {r['seconds']:.2f} s (blocks by {r['block_method']}), "
+              f"one probe at a time {r['sequential_seconds']:.2f} s → {r['sequential_seconds'] / r['seconds']:.2f}x; "
+              f"extremes differ by ≤ {r['max_diff_extremes']:.1e}")  # fmt: skip
     if "verdict" in tasks:
         print(f"\n### HESD verdict (reference, {ref['steps']} steps: Ct {ref['ct']:.4f}, "
               f"re {ref['re']:.4f}, KH05 {ref['kh05']:.4f}, {ref['hesd_type']})")  # fmt: skip

@@ -58,12 +58,14 @@ def bench(name: str, model: nn.Module, batches: list, repeats: int, device: torc
     batches = [(X.to(device), y.to(device)) for X, y in batches]
     g = _gradient_time(model, batches, repeats)
     rows = [{"model": name, "batches": len(batches), "method": "gradient", "seconds": g, "ratio": 1.0}]
-    for method, block in [(m, 1) for m in METHODS] + [("graph", 8), ("func", 8)]:
+    for method, block in [(m, 1) for m in METHODS] + [("graph", 8), ("func", 8), ("auto", 8)]:
         op = hesd.HessianOperator(model, nn.functional.cross_entropy, batches, hvp_method=method, batch_columns=block)
         V = torch.randn(op.shape[0], block, generator=torch.Generator().manual_seed(0)).to(device)
         op.prepare()
         s = _time(lambda op=op, V=V: op @ V, repeats) / block
         label = method if block == 1 else f"{method} ×{block} block"
+        if method == "auto" and block > 1:
+            label += f" ({op.block_method})"
         rows.append({"model": name, "batches": len(batches), "method": label, "seconds": s, "ratio": s / g,
                      "graph_MB": op.graph_bytes / 2**20})  # fmt: skip
     return rows

@@ -276,17 +276,6 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def _error_bound(theta: torch.Tensor, resid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``min(r, r²/δ)`` for the Ritz values ``theta[idx]``, δ the distance to the nearest other Ritz value."""
-    if len(theta) < 2:
-        return resid[idx]
-    dist = (theta[idx, None] - theta[None, :]).abs()
-    dist[torch.arange(len(idx)), idx] = math.inf
-    gap = dist.min(dim=1).values
-    r = resid[idx]
-    return torch.minimum(r, r**2 / gap.clamp_min(1e-300))
-
-
 def _wanted(theta: torch.Tensor, which: str, k: int) -> torch.Tensor:
     if which == "BE":
         asc = torch.argsort(theta)
@@ -307,7 +296,6 @@ def eigenvalues(
     max_basis: int | None = None,
     v0: torch.Tensor | None = None,
     warn: bool = True,
-    stop: str = "residual",
 ) -> EigenResult:
     r"""Extreme eigenvalues (and eigenvectors) of a symmetric operator by restarted Lanczos.
 
@@ -316,22 +304,13 @@ def eigenvalues(
     approximate eigenpairs. When the basis reaches ``max_basis`` vectors it is compressed
     to the most wanted Ritz vectors (thick restart) and grown again.
 
-    Stopping rule (``stop``), with :math:`r_i = \|A x_i - \theta_i x_i\|` and the scale
-    :math:`s = \max_j |\theta_j|`:
-
-    * ``"residual"`` (default): every wanted :math:`r_i \le \text{tol}\cdot s`. By Weyl's
-      bound an eigenvalue of :math:`A` lies within :math:`r_i` of each :math:`\theta_i`: a
-      guaranteed bound, usually far tighter than needed (the eigenvalue error is of order
-      :math:`r_i^2`).
-    * ``"gap"``: every wanted :math:`\min(r_i, r_i^2/\delta_i) \le \text{tol}\cdot s`,
-      with :math:`\delta_i` the distance from :math:`\theta_i` to the nearest other Ritz
-      value. :math:`r_i^2/\delta` bounds the eigenvalue error when :math:`\delta` is the gap
-      to the rest of the spectrum (Kato–Temple; Parlett, *The Symmetric Eigenvalue Problem*,
-      §11.7); the Ritz gap is an estimate of it, so this bound is an estimate, not a
-      guarantee. It stops when the *eigenvalues* reach ``tol``, typically after a third fewer
-      products (``benchmarks/compare.py`` measures both against a converged reference).
-
-    Both bounds are returned (``residuals`` and ``info["error_bounds"]``).
+    Iteration stops when every wanted pair's residual :math:`r_i = \|A x_i - \theta_i x_i\|`
+    is at most ``tol · max|θ|``. By Weyl's bound an eigenvalue of :math:`A` then lies within
+    :math:`r_i` of each :math:`\theta_i`: a guarantee, usually far tighter than needed (the
+    eigenvalue error is of order :math:`r_i^2/\text{gap}`). A stopping rule on the estimate
+    :math:`r_i^2/\delta_i`, with :math:`\delta_i` the gap to the nearest other Ritz value,
+    was tried and dropped: on a trained ResNet-20 it stopped at 11 instead of 14 products
+    with a 1.9e-3 error for ``tol=1e-3``, because unconverged Ritz values overstate the gap.
 
     Args:
         A: symmetric operator (:class:`hesd.HessianOperator`, tensor, SciPy operator).
@@ -347,7 +326,6 @@ def eigenvalues(
         max_basis: basis size before a restart (default ``min(n, max(2k + 20, 40))``).
         v0: start vector instead of a random one.
         warn: warn when not converged.
-        stop: ``"residual"`` or ``"gap"`` (above).
 
     Returns:
         :class:`hesd.algorithms.EigenResult`.
@@ -368,8 +346,6 @@ def eigenvalues(
         raise ValueError(f"{caller}: which must be one of {_WHICH}, got {which!r}")
     if not tol > 0:
         raise ValueError(f"{caller}: tol must be positive, got {tol}")
-    if stop not in ("residual", "gap"):
-        raise ValueError(f"{caller}: stop must be 'residual' or 'gap', got {stop!r}")
     m_max = min(n, max_basis if max_basis is not None else max(2 * k + 20, 40))
     if m_max < min(n, k + 1):
         raise ValueError(f"{caller}: max_basis={max_basis} must exceed k={k}")
@@ -405,8 +381,7 @@ def eigenvalues(
         if j >= n:
             resid = torch.zeros_like(resid)
         idx = _wanted(theta, which, min(k, j))
-        bound = _error_bound(theta, resid, idx) if stop == "gap" else resid[idx]
-        done = len(idx) == k and bool((bound <= tol * max(anorm, 1e-300)).all())
+        done = len(idx) == k and bool((resid[idx] <= tol * max(anorm, 1e-300)).all())
         if done:
             converged = True
             break
@@ -449,7 +424,6 @@ def eigenvalues(
     order = torch.argsort(vals, descending=which in ("LA", "LM"))
     if which == "LM":
         order = torch.argsort(vals.abs(), descending=True)
-    bounds = _error_bound(theta, resid_all, idx)[order]
     vals, idx = vals[order], idx[order]
     res = resid_all[idx]
     vecs = None
@@ -470,5 +444,5 @@ def eigenvalues(
         converged=converged,
         num_matvecs=matvecs,
         which=which,
-        info={"restarts": restarts, "basis_size": m_max, "error_bounds": bounds, "stop": stop},
+        info={"restarts": restarts, "basis_size": m_max},
     )
