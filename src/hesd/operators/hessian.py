@@ -47,6 +47,7 @@ __all__ = ["HessianOperator", "exact_hessian"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _METHODS = ("auto", "graph", "double_backward", "func")
+_TUNE_MIN_SECONDS = 0.05  # blocks faster than this by the batched backward keep it (see _choose_block_method)
 
 
 @contextmanager
@@ -76,6 +77,24 @@ def model_state(model: nn.Module, mode: str):
                     b.copy_(copy)
         for m, flag in flags:
             m.training = flag
+
+
+@contextmanager
+def _float32_precision(allow_tf32: bool):
+    """Full float32 precision inside the block unless ``allow_tf32``: cuDNN convolutions and
+    CUDA matrix products do not round to TensorFloat-32. Both settings are restored after."""
+    if allow_tf32:
+        yield
+        return
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    matmul = torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(matmul)
 
 
 def _select_params(model: nn.Module, params: Any, caller: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -186,6 +205,12 @@ class HessianOperator(LinearOperator):
             ``torch.bfloat16`` on a GPU) while parameters, products and the Lanczos
             recurrence stay in the parameters' dtype. Faster, less exact: ``benchmarks``
             and the tests measure the error against float64.
+        allow_tf32: let float32 convolutions and matrix products use TensorFloat-32 on
+            Ampere and newer GPUs during products (faster, about 1e-3 relative error). Off by
+            default: cuDNN enables TF32 for convolutions unless told otherwise, and on an H100
+            it put every tool's top-5 eigenvalues of a trained ResNet-20 about 3.5e-3 from the
+            float64 values (``benchmarks/results/h100``). hesd turns it off inside its products
+            and restores the user's settings after.
         batch_columns: when several vectors are multiplied at once (``H @ V`` with ``V`` of
             shape ``(P, k)``: Hutchinson/Hutch++ probes, SLQ probes run in lockstep), push up
             to this many columns through one batched backward pass
@@ -239,6 +264,7 @@ class HessianOperator(LinearOperator):
         distributed: bool = False,
         autocast_dtype: torch.dtype | None = None,
         batch_columns: int | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         caller = "HessianOperator"
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -297,6 +323,7 @@ class HessianOperator(LinearOperator):
 
         self.process_group = resolve_group(True if distributed and process_group is None else process_group)
         self.autocast_dtype = autocast_dtype
+        self.allow_tf32 = bool(allow_tf32)
         self.batch_columns = batch_columns if batch_columns is not None else (8 if self.device.type == "cuda" else 1)
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
@@ -378,7 +405,7 @@ class HessianOperator(LinearOperator):
         self._stored: list[tuple[Any, Any, int]] = []
         self._stream = False
         self.graph_bytes = 0
-        with model_state(self.model, self.model_mode):
+        with model_state(self.model, self.model_mode), _float32_precision(self.allow_tf32):
             error: BaseException | None = None
             try:
                 losses, grads, used = self._local_pass(budget, keep_graphs, unlimited)
@@ -592,6 +619,11 @@ class HessianOperator(LinearOperator):
         neither is a safe fixed choice. Each method runs once to warm up (``vmap``'s first call
         pays for tracing and kernel selection), then twice timed, alternating; the minimum
         counts. Costs six block products once; returns the first.
+
+        A block that the batched backward multiplies in under ``_TUNE_MIN_SECONDS`` (50 ms)
+        keeps it without trying ``vmap``: the first ``vmap`` call costs 1-2 s of one-off
+        tracing on an H100 (``benchmarks/profile_hesd.py``: Hutch++ on ResNet-20 took 7.6 s
+        cold and 1.8 s warm), which only pays back when each block is expensive.
         """
 
         def timed(fn):
@@ -603,7 +635,10 @@ class HessianOperator(LinearOperator):
                 torch.cuda.synchronize(self.device)
             return result, time.perf_counter() - t
 
-        out, _ = timed(self._matmat_graph)
+        out, first = timed(self._matmat_graph)
+        if first < _TUNE_MIN_SECONDS:
+            self.block_method, self.block_timings = "graph", {"graph": first}
+            return out
         timed(self._matmat_func)
         times: dict[str, list[float]] = {"graph": [], "func": []}
         for _ in range(2):
@@ -617,14 +652,15 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._ensure_prepared()
         block = V.shape[1] > 1 and self.batch_columns > 1
-        if block and self.hvp_method == "auto" and self.model_mode == "eval" and self.block_method is None:
-            out = self._choose_block_method(V)
-        elif block and self.hvp_method == "auto" and self.block_method == "func":
-            out = self._matmat_func(V)
-        elif self.hvp_method == "func":
-            out = self._matmat_func(V)
-        else:
-            out = self._matmat_graph(V)
+        with _float32_precision(self.allow_tf32):
+            if block and self.hvp_method == "auto" and self.model_mode == "eval" and self.block_method is None:
+                out = self._choose_block_method(V)
+            elif block and self.hvp_method == "auto" and self.block_method == "func":
+                out = self._matmat_func(V)
+            elif self.hvp_method == "func":
+                out = self._matmat_func(V)
+            else:
+                out = self._matmat_graph(V)
         self.num_matvecs += V.shape[1]
         return self._allreduce(out)
 
