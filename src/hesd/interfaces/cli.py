@@ -7,6 +7,7 @@ an unwritable or mismatched output folder, a corrupt single checkpoint).
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import sys
@@ -271,7 +272,18 @@ def _init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+        # Tear the group down before the interpreter exits: without it gloo's threads can be
+        # destroyed mid-flight ("terminate called without an active exception"), seen once in
+        # tests/test_distributed.py::test_cli_under_torchrun.
+        atexit.register(_destroy_group)
     return dist.group.WORLD, dist.get_rank()
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # no barrier: a rank that failed must not keep the others waiting
+        dist.destroy_process_group()
 
 
 def _print_summary(table, selections) -> None:
