@@ -621,9 +621,9 @@ class HessianOperator(LinearOperator):
         counts. Costs six block products once; returns the first.
 
         A block that the batched backward multiplies in under ``_TUNE_MIN_SECONDS`` (50 ms)
-        keeps it without trying ``vmap``: the first ``vmap`` call costs 1-2 s of one-off
-        tracing on an H100 (``benchmarks/profile_hesd.py``: Hutch++ on ResNet-20 took 7.6 s
-        cold and 1.8 s warm), which only pays back when each block is expensive.
+        keeps it without trying ``vmap``: the cold start with ``vmap`` costs seconds on an H100
+        (``benchmarks/profile_hesd.py``: Hutch++ on ResNet-20 took 7.6 s cold and 1.8 s warm
+        in one process), which only pays back when each block is expensive.
         """
 
         def timed(fn):
