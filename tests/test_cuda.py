@@ -84,3 +84,25 @@ def test_cuda_analyze_model_with_cpu_data():
     cpu_row, _ = hesd.analyze_model(model, batches, loss_fn=CE, settings=settings)
     row, _ = hesd.analyze_model(model.to(CUDA), batches, loss_fn=CE, settings=settings)
     assert abs(row["ct"] - cpu_row["ct"]) < 1e-8 and row["hesd_type"] == cpu_row["hesd_type"]
+
+
+def test_cuda_tf32_off_inside_products_and_restored():
+    """On a GPU, cuDNN's TF32 flag (on by default) is off during products and restored after."""
+    seen = []
+    model, batches, _ = make_case("cnn", seed=43)
+    model = model.float().to(CUDA)
+
+    def record(module, args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+
+    model.register_forward_pre_hook(record)
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        data = [(X.float().to(CUDA), y.to(CUDA)) for X, y in batches]
+        op = hesd.HessianOperator(model, CE, data, hvp_method="double_backward")
+        op @ torch.randn(op.shape[0], device=CUDA)
+        assert seen and all(s == (False, "highest") for s in seen)
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
