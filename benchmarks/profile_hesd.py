@@ -8,6 +8,13 @@ lockstep), ``slq1`` (1 probe × 100 steps), ``top5`` (restarted Lanczos). The ta
 twice on one operator: the first (cold) run includes one-off costs (lazy imports, CUDA
 kernel selection, ``auto``'s choice of block method); the second is profiled. Prints both
 wall times, the products, the block method and the functions with the most own time.
+
+``--task overhead`` profiles nothing: it times, interleaved in rounds (min and median over
+``--rounds``), the bare ``torch.autograd.grad`` call through a kept first-order graph with one
+vector per parameter (the call PyHessian makes), hesd's ``op @ v``, and one step of
+fixed-step SLQ (100 steps, with full re-orthogonalisation and without). The differences are
+hesd's per-product and per-step overhead, which only millisecond products (the digits MLP)
+notice.
 """
 
 from __future__ import annotations
@@ -24,9 +31,65 @@ from compare import CE, make
 import hesd
 
 
+def overhead(op: hesd.HessianOperator, model, X, y, rounds: int) -> None:
+    import compare
+
+    sync = torch.cuda.synchronize if compare.DEVICE.type == "cuda" else (lambda: None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(CE(model(X), y), params, create_graph=True)
+    vs = [torch.randn_like(p) for p in params]
+    v = torch.randn(op.shape[0], dtype=X.dtype, device=X.device)
+    calls = max(1, int(0.2 / max(1e-6, _once(lambda: op @ v, sync))))  # about 0.2 s per timing
+    steps = 100
+
+    def bare():
+        return torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+
+    fns = {
+        "bare torch.autograd.grad": (bare, calls),
+        "hesd op @ v": (lambda: op @ v, calls),
+        "hesd fixed-step SLQ, per step": (lambda: hesd.slq(op, steps, 1, seed=0), max(1, calls // steps)),
+        "  same, reorth='none'": (lambda: hesd.slq(op, steps, 1, seed=0, reorth="none"), max(1, calls // steps)),
+    }
+    for fn, _ in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, (fn, n) in fns.items():
+            sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            per = (time.perf_counter() - t) / n
+            times[name].append(per / steps if "SLQ" in name or "reorth" in name else per)
+    print(f"# per-product overhead, {compare.DEVICE}, {op.shape[0]} parameters; {rounds} interleaved rounds")
+    base = min(times["bare torch.autograd.grad"])
+    for name, ts in times.items():
+        ts.sort()
+        print(f"{name:<32} min {ts[0] * 1e6:9.1f} µs  median {ts[len(ts) // 2] * 1e6:9.1f} µs  "
+              f"min / bare {ts[0] / base:5.3f}")  # fmt: skip
+    hv, sl = min(times["hesd op @ v"]), min(times["hesd fixed-step SLQ, per step"])
+    none = min(times["  same, reorth='none'"])
+    print(
+        f"fixed-step SLQ per step / one op @ v: {sl / hv:.3f} (full re-orthogonalisation {(sl - none) * 1e6:.0f} µs "
+        f"of it, the rest of the Lanczos step {(none - hv) * 1e6:.0f} µs)"
+    )
+
+
+def _once(fn, sync) -> float:
+    fn()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="trace", choices=("trace", "slq8", "slq1", "top5"))
+    ap.add_argument("--task", default="trace", choices=("trace", "slq8", "slq1", "top5", "overhead"))
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of interleaved timing for --task overhead")
     ap.add_argument("--model", default="resnet20", choices=("resnet20", "mlp"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -39,6 +102,9 @@ def main() -> None:
     model, X, y = make(args.model)
     op = hesd.HessianOperator(model, CE, (X, y))
     op.prepare()
+    if args.task == "overhead":
+        overhead(op, model, X, y, args.rounds)
+        return
     run = {
         "trace": lambda: hesd.trace(op, "hutchpp", num_matvecs=60, seed=0),
         "slq8": lambda: hesd.slq(op, 50, 8, seed=0, lockstep=8),
