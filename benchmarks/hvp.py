@@ -76,24 +76,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="mlp,resnet20", help="comma list: mlp,resnet20")
     args = ap.parse_args()
+    models = args.models.split(",")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = 2 if args.quick else 5
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# hesd {hesd.__version__}, torch {torch.__version__}, {args.threads} threads, {where}")
-    X, y, _, _ = load_digits_tensors()
-    torch.manual_seed(0)
-    rows = bench("digits MLP", DigitsMLP(), [(X, y)], repeats, device)
-    mlp_batches = [(X[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
-    rows += bench("digits MLP", DigitsMLP(), mlp_batches, repeats, device)
-    bs = 32 if args.quick else 128
-    g = torch.Generator().manual_seed(0)
-    Xr, yr = torch.randn(4 * bs, 3, 32, 32, generator=g), torch.randint(0, 10, (4 * bs,), generator=g)
-    net = resnet20()
-    rows += bench("ResNet-20", net, [(Xr[:bs], yr[:bs])], repeats, device)
-    rn_batches = [(Xr[i : i + bs], yr[i : i + bs]) for i in range(0, 4 * bs, bs)]
-    rows += bench("ResNet-20", net, rn_batches, repeats, device)
+    rows = []
+    if "mlp" in models:
+        X, y, _, _ = load_digits_tensors()
+        torch.manual_seed(0)
+        rows += bench("digits MLP", DigitsMLP(), [(X, y)], repeats, device)
+        mlp_batches = [(X[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
+        rows += bench("digits MLP", DigitsMLP(), mlp_batches, repeats, device)
+    if "resnet20" in models:
+        bs = 32 if args.quick else 128
+        g = torch.Generator().manual_seed(0)
+        Xr, yr = torch.randn(4 * bs, 3, 32, 32, generator=g), torch.randint(0, 10, (4 * bs,), generator=g)
+        net = resnet20()
+        rows += bench("ResNet-20", net, [(Xr[:bs], yr[:bs])], repeats, device)
+        rn_batches = [(Xr[i : i + bs], yr[i : i + bs]) for i in range(0, 4 * bs, bs)]
+        rows += bench("ResNet-20", net, rn_batches, repeats, device)
     print(f"{'model':<11} {'batches':>7} {'method':<18} {'seconds':>9} {'× gradient':>10} {'graph MB':>9}")
     for r in rows:
         mb = f"{r['graph_MB']:9.1f}" if "graph_MB" in r else " " * 9

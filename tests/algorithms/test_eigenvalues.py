@@ -80,6 +80,59 @@ def test_eigenvalues_accepts_scipy_and_numpy_and_hessian_operator():
     assert torch.allclose(r.eigenvalues, torch.stack([ev[0], ev[-1]]), atol=1e-9)
 
 
+class _Hinted(hesd.operators.MatrixOperator):
+    def __init__(self, matrix, direction):
+        super().__init__(matrix)
+        self.direction = direction
+        self.asked = 0
+
+    def start_direction(self):
+        self.asked += 1
+        return self.direction
+
+
+def test_start_hint_mixes_the_operators_direction_into_the_start():
+    """A start direction close to the top eigenvectors saves products; the answer is unchanged."""
+    n = 300
+    evals = torch.cat([torch.linspace(0.0, 1.0, n - 3, dtype=torch.float64), torch.tensor([1.2, 1.3, 1.5]).double()])
+    Qm, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    A = Qm @ torch.diag(evals) @ Qm.T
+    top = Qm[:, -3:] @ torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)  # in the top-3 span, like a gradient
+    plain = hesd.eigenvalues(A, k=3, tol=1e-8, seed=5)
+    op = _Hinted(A, top)
+    hinted = hesd.eigenvalues(op, k=3, tol=1e-8, seed=5)
+    assert op.asked == 1
+    assert torch.allclose(hinted.eigenvalues, torch.tensor([1.5, 1.3, 1.2], dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(plain.eigenvalues, hinted.eigenvalues, atol=1e-10)
+    assert hinted.num_matvecs < plain.num_matvecs
+    off = hesd.eigenvalues(_Hinted(A, top), k=3, tol=1e-8, seed=5, start_hint=False)
+    assert off.num_matvecs == plain.num_matvecs and torch.equal(off.eigenvalues, plain.eigenvalues)
+    sa = _Hinted(A, top)
+    hesd.eigenvalues(sa, k=2, which="SA", tol=1e-6, seed=5)
+    assert sa.asked == 0  # the gradient says nothing about the smallest eigenvalues
+    given = _Hinted(A, top)
+    hesd.eigenvalues(given, k=1, tol=1e-6, v0=torch.ones(n, dtype=torch.float64))
+    assert given.asked == 0  # an explicit start vector wins
+
+
+def test_hessian_start_direction_is_the_gradient_or_none_at_a_stationary_point():
+    model, batches, _ = make_case("mlp", seed=12)
+    op = hesd.HessianOperator(model, CE, batches)
+    assert torch.equal(op.start_direction(), op.gradient())
+    # Least squares solved exactly: zero gradient, so no hint, and a random start as before.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1).double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = lin(X)
+    mse = torch.nn.functional.mse_loss
+    zero = hesd.HessianOperator(lin, mse, (X, y))
+    assert zero.start_direction() is None
+    H = hesd.exact_hessian(lin, mse, (X, y))
+    r = hesd.eigenvalues(zero, k=1, tol=1e-10)
+    assert torch.allclose(r.eigenvalues, torch.linalg.eigvalsh(H)[-1:], atol=1e-10)
+
+
 def test_eigenvalues_seed_reproducible():
     A, _ = _indefinite(n=200, seed=8)
     r1 = hesd.eigenvalues(A, k=3, tol=1e-3, seed=11)

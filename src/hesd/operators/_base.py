@@ -60,6 +60,14 @@ class LinearOperator:
             return self._matmat(v.unsqueeze(1)).squeeze(1)
         return self._matmat(v)
 
+    def start_direction(self) -> torch.Tensor | None:
+        """A direction that Krylov methods may mix into their random start vector, or ``None``.
+
+        :class:`hesd.HessianOperator` returns the loss gradient (see
+        :func:`hesd.eigenvalues`); plain matrices have none.
+        """
+        return None
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return ``A @ v`` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
         return self @ v
