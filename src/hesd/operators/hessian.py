@@ -453,9 +453,11 @@ class HessianOperator(LinearOperator):
             with torch.enable_grad(), _count_saved_bytes(counter):
                 loss = self._loss(inputs, targets, index)
                 g = self._grad(loss, create_graph=want_graph)
+            flat = None
             if want_graph and (unlimited or used + counter[0] <= budget):
                 with torch.enable_grad():
-                    self._cache.append((n, self._flat_graph(g)))
+                    flat = self._flat_graph(g)
+                self._cache.append((n, flat))
                 used += counter[0]
             elif keep_graphs and not self._stream:
                 used = budget  # no more graphs; remember the batch itself
@@ -464,7 +466,7 @@ class HessianOperator(LinearOperator):
                     self._stream = True
                     self._stored = []
             losses.append((n, loss.detach()))
-            grads.append((n, self._flatten([t.detach() for t in g])))
+            grads.append((n, flat.detach() if flat is not None else self._flatten([t.detach() for t in g])))
         return losses, grads, used
 
     def _reduce_loss_grad(self, losses, grads) -> tuple[float, torch.Tensor]:
