@@ -534,9 +534,13 @@ class HessianOperator(LinearOperator):
         return torch.cat([p.detach().reshape(-1) for p in self._params])
 
     # ------------------------------------------------------------------ products
-    def _column_blocks(self, k: int) -> list[slice]:
+    def _weighted_blocks(self, V: torch.Tensor, w: float) -> Iterable[tuple[slice, torch.Tensor]]:
+        """Column slices of at most ``batch_columns`` columns and ``w · V[:, cols]`` (no copy when
+        ``w`` is 1, as for a single batch)."""
         b = self.batch_columns
-        return [slice(s, min(s + b, k)) for s in range(0, k, b)]
+        for start in range(0, V.shape[1], b):
+            cols = slice(start, min(start + b, V.shape[1]))
+            yield cols, (V[:, cols] if w == 1.0 else V[:, cols] * w)
 
     def _unflatten_columns(self, V: torch.Tensor) -> list[torch.Tensor]:
         """``(P, b)`` columns as per-parameter tensors of shape ``(b, *param.shape)``."""
@@ -582,8 +586,7 @@ class HessianOperator(LinearOperator):
         """``out + w · H_b V`` through one batch's kept first-order graph ``flat`` (:meth:`_flat_graph`)."""
         if flat is None:
             return out
-        for cols in self._column_blocks(V.shape[1]):
-            block = V[:, cols] if w == 1.0 else V[:, cols] * w
+        for cols, block in self._weighted_blocks(V, w):
             if block.shape[1] == 1:
                 hv = torch.autograd.grad(flat, self._params, grad_outputs=block[:, 0], retain_graph=True,
                                          allow_unused=True, materialize_grads=True)  # fmt: skip
@@ -612,8 +615,7 @@ class HessianOperator(LinearOperator):
         def hvp(tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
 
-        for cols in self._column_blocks(V.shape[1]):
-            block = V[:, cols] if w == 1.0 else V[:, cols] * w
+        for cols, block in self._weighted_blocks(V, w):
             if block.shape[1] == 1:
                 hv = hvp(dict(zip(self.param_names, self._unflatten(block[:, 0]), strict=True)))
                 out = self._accumulate(out, V, cols, self._flatten([hv[n] for n in self.param_names])[:, None])
