@@ -5,6 +5,8 @@ Models: the digits MLP (all 1348 training images, one batch) and a CIFAR-shaped 
 set of several batches. Prints seconds per product and the ratio to one gradient. Rows
 "×8 block" multiply a block of 8 vectors in one batched pass (``batch_columns=8``) and give
 the time per product, so their ratio to the single-vector row is the gain of batching.
+Rows ", BatchNorm native" (models with BatchNorm) keep PyTorch's ``batch_norm`` kernel in the
+products instead of hesd's default affine form (``eval_batchnorm``).
 
     python benchmarks/hvp.py                  # full
     python benchmarks/hvp.py --quick          # smoke (fewer repeats, smaller ResNet batch)
@@ -23,6 +25,7 @@ from torch import nn
 
 import hesd
 from hesd.models import DigitsMLP, load_digits_tensors, resnet20
+from hesd.operators._batchnorm import has_running_stat_batchnorm
 
 METHODS = ("graph", "double_backward", "func", "auto")
 
@@ -58,14 +61,21 @@ def bench(name: str, model: nn.Module, batches: list, repeats: int, device: torc
     batches = [(X.to(device), y.to(device)) for X, y in batches]
     g = _gradient_time(model, batches, repeats)
     rows = [{"model": name, "batches": len(batches), "method": "gradient", "seconds": g, "ratio": 1.0}]
-    for method, block in [(m, 1) for m in METHODS] + [("graph", 8), ("func", 8), ("auto", 8)]:
-        op = hesd.HessianOperator(model, nn.functional.cross_entropy, batches, hvp_method=method, batch_columns=block)
+    runs = [(m, 1, "affine") for m in METHODS] + [("graph", 8, "affine"), ("func", 8, "affine"), ("auto", 8, "affine")]
+    if has_running_stat_batchnorm(model):
+        # PyTorch's own BatchNorm kernel in the products, against hesd's default affine form.
+        runs += [("graph", 1, "native"), ("double_backward", 1, "native")]
+    for method, block, bn in runs:
+        op = hesd.HessianOperator(model, nn.functional.cross_entropy, batches, hvp_method=method, batch_columns=block,
+                                  eval_batchnorm=bn)  # fmt: skip
         V = torch.randn(op.shape[0], block, generator=torch.Generator().manual_seed(0)).to(device)
         op.prepare()
         s = _time(lambda op=op, V=V: op @ V, repeats) / block
         label = method if block == 1 else f"{method} ×{block} block"
         if method == "auto" and block > 1:
             label += f" ({op.block_method})"
+        if bn == "native":
+            label += ", BatchNorm native"
         rows.append({"model": name, "batches": len(batches), "method": label, "seconds": s, "ratio": s / g,
                      "graph_MB": op.graph_bytes / 2**20})  # fmt: skip
     return rows
@@ -99,10 +109,10 @@ def main() -> None:
         rows += bench("ResNet-20", net, [(Xr[:bs], yr[:bs])], repeats, device)
         rn_batches = [(Xr[i : i + bs], yr[i : i + bs]) for i in range(0, 4 * bs, bs)]
         rows += bench("ResNet-20", net, rn_batches, repeats, device)
-    print(f"{'model':<11} {'batches':>7} {'method':<18} {'seconds':>9} {'× gradient':>10} {'graph MB':>9}")
+    print(f"{'model':<11} {'batches':>7} {'method':<34} {'seconds':>9} {'× gradient':>10} {'graph MB':>9}")
     for r in rows:
         mb = f"{r['graph_MB']:9.1f}" if "graph_MB" in r else " " * 9
-        print(f"{r['model']:<11} {r['batches']:>7} {r['method']:<18} {r['seconds']:9.5f} {r['ratio']:10.2f} {mb}")
+        print(f"{r['model']:<11} {r['batches']:>7} {r['method']:<34} {r['seconds']:9.5f} {r['ratio']:10.2f} {mb}")
 
 
 if __name__ == "__main__":

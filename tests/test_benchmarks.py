@@ -25,8 +25,14 @@ def test_compare_quick_hesd_only():
 def test_hvp_benchmark_quick():
     out = _run(str(BENCH / "hvp.py"), "--quick")
     assert "ResNet-20" in out and "double_backward" in out and "gradient" in out
+    assert "BatchNorm native" in out  # ResNet-20 has BatchNorm: hesd's affine form against PyTorch's kernel
 
 
 def test_profile_overhead_quick():
     out = _run(str(BENCH / "profile_hesd.py"), "--task", "overhead", "--model", "mlp", "--rounds", "2")
     assert "hesd op @ v" in out and "fixed-step SLQ per step / one op @ v" in out
+
+
+def test_batchnorm_benchmark_quick():
+    out = _run(str(BENCH / "batchnorm.py"), "--quick")
+    assert "one layer" in out and "native / affine" in out and "double_backward" in out

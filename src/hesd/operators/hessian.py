@@ -41,12 +41,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import NonDeterministicError, NonFiniteLossError
 from ._base import LinearOperator
+from ._batchnorm import affine_eval_batchnorm, has_running_stat_batchnorm
 from ._data import as_reiterable, batch_size, call_model, split_batch, to_device
 
 __all__ = ["HessianOperator", "exact_hessian"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _METHODS = ("auto", "graph", "double_backward", "func")
+_EVAL_BATCHNORM = ("affine", "native")
 _TUNE_MIN_SECONDS = 0.05  # blocks faster than this by the batched backward keep it (see _choose_block_method)
 
 
@@ -226,6 +228,16 @@ class HessianOperator(LinearOperator):
             8 on a GPU, where one vector leaves the chip mostly idle, and 1 on the CPU, where
             ``benchmarks/hvp.py`` measured batching slower per product. Results equal the
             column-by-column products to rounding (tested).
+        eval_batchnorm: how BatchNorm layers with running statistics (``model_mode="eval"``)
+            enter the products. ``"affine"`` (default) evaluates each as the per-channel affine
+            map :math:`y = x\,s + b` it is (:math:`s = \gamma/\sqrt{\sigma^2+\epsilon}`,
+            :math:`b = \beta - \mu s`), whose second derivative is one product rule; PyTorch's
+            own double backward of ``batch_norm`` is the general formula (a layer's product
+            1.5–2.1× slower; about 8 % of a whole ResNet-20 product on the CPU,
+            ``benchmarks/batchnorm.py``). Same function, same Hessian to rounding (tested in
+            float64 against ``"native"``, which keeps PyTorch's kernel). The model is not
+            modified: calls of :func:`torch.nn.functional.batch_norm` are intercepted during
+            hesd's forward passes only. See :mod:`hesd.operators._batchnorm`.
 
     Attributes:
         shape: ``(P, P)`` with ``P`` the number of selected parameters' entries.
@@ -272,6 +284,7 @@ class HessianOperator(LinearOperator):
         autocast_dtype: torch.dtype | None = None,
         batch_columns: int | None = None,
         allow_tf32: bool = False,
+        eval_batchnorm: str = "affine",
     ) -> None:
         caller = "HessianOperator"
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -285,6 +298,8 @@ class HessianOperator(LinearOperator):
             raise ValueError(f"{caller}: model_mode must be 'eval' or 'train', got {model_mode!r}")
         if hvp_method not in _METHODS:
             raise ValueError(f"{caller}: hvp_method must be one of {_METHODS}, got {hvp_method!r}")
+        if eval_batchnorm not in _EVAL_BATCHNORM:
+            raise ValueError(f"{caller}: eval_batchnorm must be one of {_EVAL_BATCHNORM}, got {eval_batchnorm!r}")
         if batch_columns is not None and (
             isinstance(batch_columns, bool) or not isinstance(batch_columns, int) or batch_columns < 1
         ):
@@ -331,6 +346,8 @@ class HessianOperator(LinearOperator):
         self.process_group = resolve_group(True if distributed and process_group is None else process_group)
         self.autocast_dtype = autocast_dtype
         self.allow_tf32 = bool(allow_tf32)
+        self.eval_batchnorm = eval_batchnorm
+        self._affine_bn = eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         self.batch_columns = batch_columns if batch_columns is not None else (8 if self.device.type == "cuda" else 1)
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
@@ -412,7 +429,11 @@ class HessianOperator(LinearOperator):
         self._stored: list[tuple[Any, Any, int]] = []
         self._stream = False
         self.graph_bytes = 0
-        with model_state(self.model, self.model_mode), _float32_precision(self.allow_tf32, self.device):
+        with (
+            model_state(self.model, self.model_mode),
+            affine_eval_batchnorm(self._affine_bn),
+            _float32_precision(self.allow_tf32, self.device),
+        ):
             error: BaseException | None = None
             try:
                 losses, grads, used = self._local_pass(budget, keep_graphs, unlimited)
@@ -641,7 +662,7 @@ class HessianOperator(LinearOperator):
             for n, g in self._cache:
                 out = self._hvp_graph(g, V, self._weight(n), out)
         if self._stream or not self._cache or self._stored:
-            with model_state(self.model, self.model_mode):
+            with model_state(self.model, self.model_mode), affine_eval_batchnorm(self._affine_bn):
                 if self._stream or (not self._cache and not self._stored):
                     for index, (inputs, targets, n) in enumerate(self._batches()):
                         out = self._recompute(inputs, targets, n, V, out, index)
@@ -653,7 +674,7 @@ class HessianOperator(LinearOperator):
     def _matmat_func(self, V: torch.Tensor) -> torch.Tensor:
         """Every batch recomputed with ``vmap`` of forward-over-reverse (no kept graph)."""
         out = None
-        with model_state(self.model, self.model_mode), torch.enable_grad():
+        with model_state(self.model, self.model_mode), affine_eval_batchnorm(self._affine_bn), torch.enable_grad():
             for inputs, targets, n in self._batches():
                 out = self._hvp_func(inputs, targets, V, self._weight(n), out)
         return out if out is not None else torch.zeros_like(V)
@@ -724,8 +745,9 @@ def exact_hessian(
 ) -> torch.Tensor:
     r"""The dense ``P × P`` Hessian of the mean loss, one block of columns at a time.
 
-    Computed as :math:`H = H I` with :class:`HessianOperator` (double backward), so it is
-    exact to rounding. Memory is :math:`P^2` entries: meant for small models and tests.
+    Computed as :math:`H = H I` with :class:`HessianOperator` (double backward, PyTorch's own
+    BatchNorm kernel: ``eval_batchnorm="native"``, so that it checks the default affine form
+    independently), so it is exact to rounding. Memory is :math:`P^2` entries: meant for small models and tests.
 
     Args:
         model, loss_fn, data, params, model_mode: as for :class:`HessianOperator`.
@@ -747,6 +769,7 @@ def exact_hessian(
         model_mode=model_mode,
         check_deterministic=False,
         hvp_method="double_backward",
+        eval_batchnorm="native",
     )
     P = op.shape[0]
     H = torch.empty(P, P, dtype=op.dtype, device=op.device)
