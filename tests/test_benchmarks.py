@@ -36,3 +36,8 @@ def test_profile_overhead_quick():
 def test_batchnorm_benchmark_quick():
     out = _run(str(BENCH / "batchnorm.py"), "--quick")
     assert "one layer" in out and "native / affine" in out and "double_backward" in out
+
+
+def test_columns_benchmark_quick():
+    out = _run(str(BENCH / "columns.py"), "--quick")
+    assert "batch_columns=None" in out and "width used" in out and "6 batches" in out

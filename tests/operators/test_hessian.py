@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 import hesd
 from helpers import make_case
 from hesd.errors import NonDeterministicError, NonFiniteLossError
+from hesd.operators import hessian as hessian_module
 
 CE = nn.functional.cross_entropy
 METHODS = ["auto", "graph", "double_backward", "func"]
@@ -393,7 +396,7 @@ def test_auto_chooses_a_block_method_by_timing_and_stays_exact(min_seconds, monk
     for HV in (first, second):
         assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
     assert op.num_matvecs == 10
-    single = hesd.HessianOperator(model, CE, batches)
+    single = hesd.HessianOperator(model, CE, batches, batch_columns=1)
     single @ V
     assert single.block_method is None  # one column per pass: nothing to choose
     assert hesd.HessianOperator(model, CE, batches, hvp_method="func").block_method == "func"
@@ -426,3 +429,57 @@ def test_tf32_is_off_inside_products_and_settings_are_restored(allow_tf32):
         assert torch.backends.cudnn.allow_tf32 == before[0]
     finally:
         torch.set_float32_matmul_precision(before[1])
+
+
+def test_cpu_block_width_is_chosen_on_the_first_block_and_stays_exact():
+    model, batches, _ = make_case("mlp", seed=11)
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches)
+    assert op.batch_columns == 1 and op.column_timings == {} and op.default_lockstep == 1
+    V = torch.randn(H.shape[0], 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    op @ V[:, 0]  # one column: nothing to decide
+    assert op.column_timings == {}
+    HV = op @ V  # decides on the first 8 columns, multiplies the last 3 with the choice
+    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert set(op.column_timings) == {"single", "block"} and op.batch_columns in (1, 8)
+    gain = hessian_module._TUNE_COLUMNS_GAIN
+    assert op.batch_columns == (8 if op.column_timings["block"] <= gain * op.column_timings["single"] else 1)
+    assert op.num_matvecs == 12  # the trial products are not counted
+    assert (op @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert op.default_lockstep == 1  # SLQ's default does not follow the choice
+    assert hesd.slq(op, 5, 2, seed=0).info["lockstep"] == 1
+
+
+def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
+    """A fixed cost per pass (4 ms, as Python and per-batch overhead are for a small model) makes a
+    block of 8 cheaper per product than 8 single passes: blocks are kept and used after."""
+    model, batches, _ = make_case("mlp", seed=12)
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches)
+    widths = []
+    orig = hesd.HessianOperator._matmat_graph
+
+    def slow_pass(self, V):
+        time.sleep(0.004)
+        widths.append(V.shape[1])
+        return orig(self, V)
+
+    monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", slow_pass)
+    V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    HV = op @ V
+    assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
+    assert widths == [1] * 8 + [8, 8, 8] + [12]  # 8 single, a warm-up and two timed blocks, then the rest
+    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+
+
+def test_cpu_block_width_is_not_tried_for_expensive_products_or_a_given_width(monkeypatch):
+    model, batches, _ = make_case("cnn", seed=13)
+    H = hesd.exact_hessian(model, CE, batches)
+    V = torch.randn(H.shape[0], 9, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 0.0)  # every product counts as expensive
+    op = hesd.HessianOperator(model, CE, batches)
+    assert (op @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert op.batch_columns == 1 and set(op.column_timings) == {"single"}
+    given = hesd.HessianOperator(model, CE, batches, batch_columns=1)
+    assert (given @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert given.column_timings == {} and given.batch_columns == 1

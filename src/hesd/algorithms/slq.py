@@ -148,9 +148,9 @@ def slq(
         lockstep: run this many probes together (:func:`hesd.algorithms.lanczos_lockstep`:
             one product with a block of Lanczos vectors per step). Results are the same as
             one probe at a time, to rounding; the basis memory is ``lockstep`` times larger.
-            ``None`` (default): the operator's ``batch_columns`` if it has one (8 for a
-            :class:`hesd.HessianOperator` on a GPU, where batching multiplies throughput;
-            1 on the CPU), else 1.
+            ``None`` (default): the operator's ``default_lockstep`` if it has one (for a
+            :class:`hesd.HessianOperator`, its ``batch_columns`` as given, or 8 on a GPU, where
+            batching multiplies throughput, and 1 on the CPU), else 1.
 
     Returns:
         :class:`hesd.Spectrum`. A probe whose Krylov space became invariant (Lanczos
@@ -169,7 +169,7 @@ def slq(
     check_positive_int(num_steps, "num_steps", caller)
     check_positive_int(num_probes, "num_probes", caller)
     if lockstep is None:
-        lockstep = getattr(op, "batch_columns", 1)
+        lockstep = getattr(op, "default_lockstep", 1)
     check_positive_int(lockstep, "lockstep", caller)
     n = op.shape[0]
     values, weights, broke = [], [], []

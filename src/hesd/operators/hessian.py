@@ -50,6 +50,9 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 _METHODS = ("auto", "graph", "double_backward", "func")
 _EVAL_BATCHNORM = ("affine", "native")
 _TUNE_MIN_SECONDS = 0.05  # blocks faster than this by the batched backward keep it (see _choose_block_method)
+_TUNE_COLUMNS = 8  # block width tried on the CPU (see _choose_batch_columns)
+_TUNE_COLUMNS_MAX_SECONDS = 0.005  # single products slower than this keep one column per pass on the CPU
+_TUNE_COLUMNS_GAIN = 0.8  # blocks are kept only when they cost at most this fraction per product
 
 
 @contextmanager
@@ -225,8 +228,13 @@ class HessianOperator(LinearOperator):
             to this many columns through one batched backward pass
             (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
             vector) instead of one pass per column. ``None`` (default) chooses by device:
-            8 on a GPU, where one vector leaves the chip mostly idle, and 1 on the CPU, where
-            ``benchmarks/hvp.py`` measured batching slower per product. Results equal the
+            8 on a GPU, where one vector leaves the chip mostly idle. On the CPU it starts at 1
+            and the first product of several columns decides (:meth:`_choose_batch_columns`):
+            when one product takes under 5 ms, a block of 8 is timed against single columns
+            and kept if it is at least 20 % cheaper per product (``column_timings`` holds the
+            times). ``benchmarks/hvp.py`` and ``benchmarks/columns.py`` measured blocks of 8 2×
+            faster per product for the digits MLP over 6 batches, no faster for it over one
+            batch, and 1.4–4.4× slower for ResNet-20. Results equal the
             column-by-column products to rounding (tested).
         eval_batchnorm: how BatchNorm layers with running statistics (``model_mode="eval"``)
             enter the products. ``"affine"`` (default) evaluates each as the per-channel affine
@@ -249,6 +257,13 @@ class HessianOperator(LinearOperator):
             backward (``"graph"``) against ``vmap`` of forward-over-reverse (``"func"``) and
             keeps the faster (``block_timings`` holds the two times); in ``model_mode="train"``
             it stays on the graph path.
+        default_lockstep: how many SLQ probes :func:`hesd.slq` runs together by default:
+            ``batch_columns`` as given, or 8 on a GPU and 1 on the CPU. Fixed at construction,
+            so that SLQ results never depend on which products ran before (the CPU's block
+            choice, below, does not change it).
+        column_timings: on the CPU with ``batch_columns=None``, seconds per product measured
+            by the first product of several columns: ``"single"``, and ``"block"`` when a block
+            was tried (empty until then).
 
     Notes:
         Products are taken at the parameter values of the moment: if parameters change
@@ -349,6 +364,9 @@ class HessianOperator(LinearOperator):
         self.eval_batchnorm = eval_batchnorm
         self._affine_bn = eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         self.batch_columns = batch_columns if batch_columns is not None else (8 if self.device.type == "cuda" else 1)
+        self._tune_columns = batch_columns is None and self.device.type != "cuda"
+        self.default_lockstep = self.batch_columns
+        self.column_timings: dict[str, float] = {}
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{caller}: loss_fn has reduction={reduction!r}; use 'mean' (or 'sum')")
@@ -718,18 +736,66 @@ class HessianOperator(LinearOperator):
         self.block_timings = {"graph": t_graph, "func": t_func}
         return out
 
+    def _choose_batch_columns(self, V: torch.Tensor) -> torch.Tensor:
+        """CPU, ``batch_columns=None``: on the first product of several columns, decide whether
+        blocks of :data:`_TUNE_COLUMNS` (8) columns beat one column per pass, and keep the choice.
+
+        The first ``k = min(8, V.shape[1])`` columns are multiplied one at a time and timed (the
+        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one
+        column per pass is kept without trying a block: on the CPU blocks lost for every
+        expensive model measured (ResNet-20: 1.4–1.6× slower per product), and a trial would
+        cost seconds. Otherwise the same ``k`` columns go through one block three times, the
+        first untimed (it warms up the batched backward, and ``auto`` chooses its block method
+        there), and blocks are kept when the faster timed block costs at most
+        ``_TUNE_COLUMNS_GAIN`` (0.8) of a single product per column: the gains measured were
+        about 2× (digits MLP over 6 batches), and a marginal difference is noise at these
+        sub-millisecond times. The trial costs at most three blocks of cheap products (about
+        0.1 s); they are not counted in ``num_matvecs``.
+        """
+        self._tune_columns = False
+        k = min(_TUNE_COLUMNS, V.shape[1])
+        cols, single = [], []
+        for j in range(k):
+            t = time.perf_counter()
+            cols.append(self._product(V[:, j : j + 1]))
+            single.append(time.perf_counter() - t)
+        t_single = min(single)
+        self.column_timings = {"single": t_single}
+        head = torch.cat(cols, dim=1)
+        if t_single <= _TUNE_COLUMNS_MAX_SECONDS:
+            self.batch_columns = _TUNE_COLUMNS
+            self._product(V[:, :k])  # warm-up (and auto's block method)
+            block = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self._product(V[:, :k])
+                block.append((time.perf_counter() - t) / k)
+            t_block = min(block)
+            self.column_timings["block"] = t_block
+            if t_block > _TUNE_COLUMNS_GAIN * t_single:
+                self.batch_columns = 1
+        if k == V.shape[1]:
+            return head
+        return torch.cat([head, self._product(V[:, k:])], dim=1)
+
+    def _product(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` on this rank by the configured method (no count, no all-reduce)."""
+        block = V.shape[1] > 1 and self.batch_columns > 1
+        if block and self.hvp_method == "auto" and self.model_mode == "eval" and self.block_method is None:
+            return self._choose_block_method(V)
+        if block and self.hvp_method == "auto" and self.block_method == "func":
+            return self._matmat_func(V)
+        if self.hvp_method == "func":
+            return self._matmat_func(V)
+        return self._matmat_graph(V)
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._ensure_prepared()
-        block = V.shape[1] > 1 and self.batch_columns > 1
         with _float32_precision(self.allow_tf32, self.device):
-            if block and self.hvp_method == "auto" and self.model_mode == "eval" and self.block_method is None:
-                out = self._choose_block_method(V)
-            elif block and self.hvp_method == "auto" and self.block_method == "func":
-                out = self._matmat_func(V)
-            elif self.hvp_method == "func":
-                out = self._matmat_func(V)
+            if self._tune_columns and V.shape[1] > 1:
+                out = self._choose_batch_columns(V)
             else:
-                out = self._matmat_graph(V)
+                out = self._product(V)
         self.num_matvecs += V.shape[1]
         return self._allreduce(out)
 
