@@ -383,6 +383,23 @@ def reference(model_name: str, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- driver
+def _fastest(results: list[dict]) -> dict:
+    """One cell's runs over ``--rounds``: the fastest (HVP counts and errors are deterministic). For
+    PyHessian's top-5 tol sweep each tol keeps its own fastest time."""
+    timed = [r for r in results if "seconds" in r]
+    if not timed:
+        return results[0]
+    best = dict(min(timed, key=lambda r: r["seconds"]))
+    if "runs" in best:
+        runs = [dict(run) for run in best["runs"]]
+        for r in timed:
+            for mine, other in zip(runs, r.get("runs", []), strict=False):
+                if other["tol"] == mine["tol"]:
+                    mine["seconds"] = min(mine["seconds"], other["seconds"])
+        best["runs"], best["seconds"] = runs, runs[0]["seconds"]
+    return best
+
+
 def _spawn(argv: list[str]) -> dict:
     p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
     for line in p.stdout.splitlines():
@@ -428,6 +445,13 @@ def main() -> None:
         help="tightest tol tried to bring PyHessian's top-5 within --eig-tol of the reference",
     )
     ap.add_argument("--pyhessian-max-iter", type=int, default=100, help="PyHessian's maxIter per eigenvalue")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every cell this many times, round by round, and keep each cell's fastest run (times on a "
+        "shared machine vary by 10-20 %% between processes)",
+    )
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument(
         "--target-top5", type=lambda x: [float(v) for v in x.split(",")], default=None, help=argparse.SUPPRESS
@@ -459,12 +483,16 @@ def main() -> None:
         passthrough.append(f"--batch-columns={args.batch_columns}")
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
     state = "trained (--trained)" if args.trained else "at initialisation"
-    print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell")
+    rounds = f"; fastest of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell"
+          f"{rounds}")  # fmt: skip
     everything = {}
     for m in models:
         ref = _spawn(["--reference", m, f"--tasks={','.join(tasks)}", *passthrough])  # only what the tasks need
         target = [f"--target-top5={','.join(map(repr, ref['top5']))}"] if "top5" in ref else []
-        res = {t: {k: _spawn(["--worker", t, k, m, *passthrough, *target]) for k in tasks} for t in tools}
+        rounds = [{t: {k: _spawn(["--worker", t, k, m, *passthrough, *target]) for k in tasks} for t in tools}
+                  for _ in range(max(1, args.rounds))]  # fmt: skip
+        res = {t: {k: _fastest([r[t][k] for r in rounds]) for k in tasks} for t in tools}
         everything[m] = {"reference": ref, "results": res}
         _print_model(m, ref, res, tools, tasks, args.eig_tol)
     if args.json:

@@ -41,3 +41,8 @@ def test_batchnorm_benchmark_quick():
 def test_columns_benchmark_quick():
     out = _run(str(BENCH / "columns.py"), "--quick")
     assert "batch_columns=None" in out and "width used" in out and "6 batches" in out
+
+
+def test_compare_rounds_keep_the_fastest_run():
+    out = _run(str(BENCH / "compare.py"), "--quick", "--tools", "hesd", "--tasks", "hvp,top5", "--rounds", "2")
+    assert "fastest of 2 rounds" in out and "top-5 eigenvalues" in out and "error" not in out.lower()
