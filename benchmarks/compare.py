@@ -452,6 +452,13 @@ def main() -> None:
         help="run every cell this many times, round by round, and keep each cell's fastest run (times on a "
         "shared machine vary by 10-20 %% between processes)",
     )
+    ap.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="run every cell, of every tool, with glibc malloc kept from returning memory to the OS between "
+        "products (the environment variables equivalent to hesd.tune_cpu_allocator; what the hesd command line "
+        "does for itself)",
+    )
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument(
         "--target-top5", type=lambda x: [float(v) for v in x.split(",")], default=None, help=argparse.SUPPRESS
@@ -483,7 +490,13 @@ def main() -> None:
         passthrough.append(f"--batch-columns={args.batch_columns}")
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
     state = "trained (--trained)" if args.trained else "at initialisation"
+    if args.tune_allocator:  # inherited by every cell's process, whichever tool it runs
+        from hesd._allocator import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
+
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD),
+                          MALLOC_TOP_PAD_=str(TOP_PAD))  # fmt: skip
     rounds = f"; fastest of {args.rounds} rounds" if args.rounds > 1 else ""
+    rounds += "; glibc malloc tuned for every tool (--tune-allocator)" if args.tune_allocator else ""
     print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell"
           f"{rounds}")  # fmt: skip
     everything = {}

@@ -46,3 +46,8 @@ def test_columns_benchmark_quick():
 def test_compare_rounds_keep_the_fastest_run():
     out = _run(str(BENCH / "compare.py"), "--quick", "--tools", "hesd", "--tasks", "hvp,top5", "--rounds", "2")
     assert "fastest of 2 rounds" in out and "top-5 eigenvalues" in out and "error" not in out.lower()
+
+
+def test_allocator_benchmark_quick():
+    out = _run(str(BENCH / "allocator.py"), "--quick", "--tune")
+    assert "tune_cpu_allocator:" in out and "run 2:" in out and "system" in out

@@ -5,6 +5,7 @@ Layers: :mod:`hesd.operators` (Hessian-vector products) → :mod:`hesd.algorithm
 checkpoint series and selection) → :mod:`hesd.interfaces` (CLI, report, callbacks).
 """
 
+from ._allocator import tune_cpu_allocator
 from ._version import __version__
 from .algorithms import EigenResult, Spectrum, TraceResult, eigenvalues, lanczos, power_iteration, slq, trace
 from .analysis import (
@@ -66,4 +67,5 @@ __all__ = [
     "power_iteration",
     "slq",
     "trace",
+    "tune_cpu_allocator",
 ]
