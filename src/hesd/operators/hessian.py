@@ -429,6 +429,13 @@ class HessianOperator(LinearOperator):
             torch.distributed.all_reduce(t, group=self.process_group)
         return t
 
+    @contextmanager
+    def _forward_state(self):
+        """The state every forward pass of hesd's runs in: the model in ``model_mode`` (restored
+        after) and, with ``eval_batchnorm="affine"``, BatchNorm as its affine map."""
+        with model_state(self.model, self.model_mode), affine_eval_batchnorm(self._affine_bn):
+            yield
+
     def _versions(self) -> list[int]:
         return [p._version for p in self._params]
 
@@ -447,11 +454,7 @@ class HessianOperator(LinearOperator):
         self._stored: list[tuple[Any, Any, int]] = []
         self._stream = False
         self.graph_bytes = 0
-        with (
-            model_state(self.model, self.model_mode),
-            affine_eval_batchnorm(self._affine_bn),
-            _float32_precision(self.allow_tf32, self.device),
-        ):
+        with self._forward_state(), _float32_precision(self.allow_tf32, self.device):
             error: BaseException | None = None
             try:
                 losses, grads, used = self._local_pass(budget, keep_graphs, unlimited)
@@ -680,7 +683,7 @@ class HessianOperator(LinearOperator):
             for n, g in self._cache:
                 out = self._hvp_graph(g, V, self._weight(n), out)
         if self._stream or not self._cache or self._stored:
-            with model_state(self.model, self.model_mode), affine_eval_batchnorm(self._affine_bn):
+            with self._forward_state():
                 if self._stream or (not self._cache and not self._stored):
                     for index, (inputs, targets, n) in enumerate(self._batches()):
                         out = self._recompute(inputs, targets, n, V, out, index)
@@ -692,7 +695,7 @@ class HessianOperator(LinearOperator):
     def _matmat_func(self, V: torch.Tensor) -> torch.Tensor:
         """Every batch recomputed with ``vmap`` of forward-over-reverse (no kept graph)."""
         out = None
-        with model_state(self.model, self.model_mode), affine_eval_batchnorm(self._affine_bn), torch.enable_grad():
+        with self._forward_state(), torch.enable_grad():
             for inputs, targets, n in self._batches():
                 out = self._hvp_func(inputs, targets, V, self._weight(n), out)
         return out if out is not None else torch.zeros_like(V)
