@@ -715,29 +715,29 @@ class HessianOperator(LinearOperator):
         (``benchmarks/profile_hesd.py``: Hutch++ on ResNet-20 took 7.6 s cold and 1.8 s warm
         in one process), which only pays back when each block is expensive.
         """
-
-        def timed(fn):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t = time.perf_counter()
-            result = fn(V)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return result, time.perf_counter() - t
-
-        out, first = timed(self._matmat_graph)
+        out, first = self._timed(self._matmat_graph, V)
         if first < _TUNE_MIN_SECONDS:
             self.block_method, self.block_timings = "graph", {"graph": first}
             return out
-        timed(self._matmat_func)
+        self._timed(self._matmat_func, V)
         times: dict[str, list[float]] = {"graph": [], "func": []}
         for _ in range(2):
-            times["graph"].append(timed(self._matmat_graph)[1])
-            times["func"].append(timed(self._matmat_func)[1])
+            times["graph"].append(self._timed(self._matmat_graph, V)[1])
+            times["func"].append(self._timed(self._matmat_func, V)[1])
         t_graph, t_func = min(times["graph"]), min(times["func"])
         self.block_method = "func" if t_func < t_graph else "graph"
         self.block_timings = {"graph": t_graph, "func": t_func}
         return out
+
+    def _timed(self, fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``fn(V)`` and its wall time in seconds (the GPU synchronised before and after)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        result = fn(V)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return result, time.perf_counter() - t
 
     def _choose_batch_columns(self, V: torch.Tensor) -> torch.Tensor:
         """CPU, ``batch_columns=None``: on the first product of several columns, decide whether
@@ -746,34 +746,30 @@ class HessianOperator(LinearOperator):
         The first ``k = min(8, V.shape[1])`` columns are multiplied one at a time and timed (the
         minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one
         column per pass is kept without trying a block: on the CPU blocks lost for every
-        expensive model measured (ResNet-20: 1.4–1.6× slower per product), and a trial would
-        cost seconds. Otherwise the same ``k`` columns go through one block three times, the
-        first untimed (it warms up the batched backward, and ``auto`` chooses its block method
-        there), and blocks are kept when the faster timed block costs at most
-        ``_TUNE_COLUMNS_GAIN`` (0.8) of a single product per column: the gains measured were
-        about 2× (digits MLP over 6 batches), and a marginal difference is noise at these
-        sub-millisecond times. The trial costs at most three blocks of cheap products (about
-        0.1 s); they are not counted in ``num_matvecs``.
+        expensive model measured (ResNet-20: 1.4–1.6× slower per product in ``benchmarks/hvp.py``,
+        4.4× slower end to end in ``benchmarks/columns.py``), and a trial would cost seconds.
+        Otherwise the same ``k`` columns go through one block three times, the first untimed (it
+        warms up the batched backward, and ``auto`` chooses its block method there), and blocks
+        are kept when the faster timed block costs at most ``_TUNE_COLUMNS_GAIN`` (0.8) of a
+        single product per column: the gains measured were about 2× (digits MLP over 6
+        batches), and a marginal difference is noise at these sub-millisecond times. The trial
+        costs at most three blocks of cheap products (about 0.1 s); they are not counted in
+        ``num_matvecs``.
         """
         self._tune_columns = False
         k = min(_TUNE_COLUMNS, V.shape[1])
         cols, single = [], []
         for j in range(k):
-            t = time.perf_counter()
-            cols.append(self._product(V[:, j : j + 1]))
-            single.append(time.perf_counter() - t)
+            col, seconds = self._timed(self._product, V[:, j : j + 1])
+            cols.append(col)
+            single.append(seconds)
         t_single = min(single)
         self.column_timings = {"single": t_single}
         head = torch.cat(cols, dim=1)
         if t_single <= _TUNE_COLUMNS_MAX_SECONDS:
             self.batch_columns = _TUNE_COLUMNS
             self._product(V[:, :k])  # warm-up (and auto's block method)
-            block = []
-            for _ in range(2):
-                t = time.perf_counter()
-                self._product(V[:, :k])
-                block.append((time.perf_counter() - t) / k)
-            t_block = min(block)
+            t_block = min(self._timed(self._product, V[:, :k])[1] for _ in range(2)) / k
             self.column_timings["block"] = t_block
             if t_block > _TUNE_COLUMNS_GAIN * t_single:
                 self.batch_columns = 1
