@@ -495,10 +495,10 @@ def main() -> None:
 
         os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD),
                           MALLOC_TOP_PAD_=str(TOP_PAD))  # fmt: skip
-    rounds = f"; fastest of {args.rounds} rounds" if args.rounds > 1 else ""
-    rounds += "; glibc malloc tuned for every tool (--tune-allocator)" if args.tune_allocator else ""
+    notes = f"; fastest of {args.rounds} rounds" if args.rounds > 1 else ""
+    notes += "; glibc malloc tuned for every tool (--tune-allocator)" if args.tune_allocator else ""
     print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell"
-          f"{rounds}")  # fmt: skip
+          f"{notes}")  # fmt: skip
     everything = {}
     for m in models:
         ref = _spawn(["--reference", m, f"--tasks={','.join(tasks)}", *passthrough])  # only what the tasks need
