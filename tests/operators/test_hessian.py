@@ -377,7 +377,7 @@ def test_bfloat16_autocast_error_against_float64():
     assert mixed.dtype == torch.float32
 
 
-@pytest.mark.parametrize("min_seconds", [0.0, 0.05])
+@pytest.mark.parametrize("min_seconds", [0.0, 10.0])  # always try vmap; never (a limit no machine reaches)
 def test_auto_chooses_a_block_method_by_timing_and_stays_exact(min_seconds, monkeypatch):
     import hesd.operators.hessian as hessian_module
 
@@ -390,7 +390,7 @@ def test_auto_chooses_a_block_method_by_timing_and_stays_exact(min_seconds, monk
     first = op @ V  # the first block is timed both ways, unless the batched backward is fast already
     if min_seconds == 0:
         assert op.block_method in ("graph", "func") and set(op.block_timings) == {"graph", "func"}
-    else:  # a tiny model: milliseconds per block, so vmap is not tried
+    else:  # the batched backward is under the limit, so vmap is not tried
         assert op.block_method == "graph" and set(op.block_timings) == {"graph"}
     second = op @ V  # later blocks use the chosen method
     for HV in (first, second):
@@ -465,6 +465,9 @@ def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
         return orig(self, V)
 
     monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", slow_pass)
+    # The 4 ms sleep plus the product itself can pass the 5 ms limit on a slow machine (5.6 ms was
+    # seen): the limit is not what this test checks, so it is lifted.
+    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
     V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     HV = op @ V
     assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
