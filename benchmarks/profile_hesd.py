@@ -15,6 +15,11 @@ vector per parameter (the call PyHessian makes), hesd's ``op @ v``, and one step
 fixed-step SLQ (100 steps, with full re-orthogonalisation and without). The differences are
 hesd's per-product and per-step overhead, which only millisecond products (the digits MLP)
 notice.
+
+``--task lanczos`` times the Lanczos step itself: 100 steps of fixed-step SLQ (full
+re-orthogonalisation and none) against a free diagonal operator of the model's size, so the
+products cost microseconds and what is left is the step's own work. Next to a real product
+the step costs more, because the product evicts the stored basis from the cache.
 """
 
 from __future__ import annotations
@@ -77,6 +82,38 @@ def overhead(op: hesd.HessianOperator, model, X, y, rounds: int) -> None:
     )
 
 
+class _Diagonal(hesd.LinearOperator):
+    """``diag(d)``: a product costs one elementwise multiplication."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += V.shape[1]
+        return self.d[:, None] * V
+
+
+def lanczos_step(n: int, dtype: torch.dtype, device: torch.device, rounds: int) -> None:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    d = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 3
+    op = _Diagonal(d.to(device=device, dtype=dtype))
+    steps = 100
+    times: dict[str, list[float]] = {"full": [], "none": []}
+    for name in times:
+        hesd.slq(op, steps, 1, seed=0, reorth=name)  # warm-up
+    for _ in range(rounds):
+        for name, ts in times.items():
+            sync()
+            t = time.perf_counter()
+            hesd.slq(op, steps, 1, seed=0, reorth=name)
+            sync()
+            ts.append((time.perf_counter() - t) / steps)
+    print(f"# Lanczos step with a free operator, {device}, {n} parameters, {dtype}; {steps} steps, {rounds} rounds")
+    for name, ts in times.items():
+        ts.sort()
+        print(f"reorth={name!r:<8} min {ts[0] * 1e6:9.1f} µs a step  median {ts[len(ts) // 2] * 1e6:9.1f} µs")
+
+
 def _once(fn, sync) -> float:
     fn()
     sync()
@@ -88,8 +125,8 @@ def _once(fn, sync) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="trace", choices=("trace", "slq8", "slq1", "top5", "overhead"))
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of interleaved timing for --task overhead")
+    ap.add_argument("--task", default="trace", choices=("trace", "slq8", "slq1", "top5", "overhead", "lanczos"))
+    ap.add_argument("--rounds", type=int, default=15, help="timing rounds for --task overhead and lanczos")
     ap.add_argument("--model", default="resnet20", choices=("resnet20", "mlp"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -102,6 +139,9 @@ def main() -> None:
     model, X, y = make(args.model)
     op = hesd.HessianOperator(model, CE, (X, y))
     op.prepare()
+    if args.task == "lanczos":
+        lanczos_step(op.shape[0], op.dtype, op.device, args.rounds)
+        return
     if args.task == "overhead":
         overhead(op, model, X, y, args.rounds)
         return

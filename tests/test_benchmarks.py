@@ -33,6 +33,11 @@ def test_profile_overhead_quick():
     assert "hesd op @ v" in out and "fixed-step SLQ per step / one op @ v" in out
 
 
+def test_profile_lanczos_step_quick():
+    out = _run(str(BENCH / "profile_hesd.py"), "--task", "lanczos", "--model", "mlp", "--rounds", "2")
+    assert "3466 parameters" in out and "reorth='full'" in out and "reorth='none'" in out
+
+
 def test_batchnorm_benchmark_quick():
     out = _run(str(BENCH / "batchnorm.py"), "--quick")
     assert "one layer" in out and "native / affine" in out and "double_backward" in out

@@ -86,19 +86,40 @@ class _Basis:
     def project(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Full re-orthogonalisation that also yields :math:`\alpha_j` (only when :attr:`exact`).
 
-        With the basis :math:`Q_j = [q_0 \dots q_j]` stored exactly, classical Gram-Schmidt
-        twice on :math:`w = A q_j` gives coefficients :math:`h = Q_j^\top w` (plus the small
-        second-pass correction) whose last entry is :math:`\alpha_j = q_j^\top A q_j` and whose
-        other entries the three-term recurrence would have removed (:math:`\beta_{j-1}` on
-        :math:`q_{j-1}`, rounding elsewhere). So the explicit recurrence is skipped: 5 tensor
-        operations a step instead of 12, about 25 µs a step on the digits MLP, whose products
-        take under a millisecond (``benchmarks/profile_hesd.py --task overhead``). Returns the
-        orthogonalised ``W`` and ``alpha``.
+        Classical Gram-Schmidt twice on :math:`w = A q_j`, the first pass local, the second
+        full:
+
+        1. against :math:`q_{j-1}, q_j` only: coefficients :math:`h`, whose last entry is
+           :math:`\alpha_j = q_j^\top A q_j` (the other is :math:`\beta_{j-1}`). This is the
+           three-term recurrence written as a projection. Along every older :math:`q_i`,
+           :math:`q_i^\top A q_j = (A q_i)^\top q_j` is of order :math:`\epsilon\|A\|`,
+           because :math:`A q_i` lies in :math:`\operatorname{span}(q_0 \dots q_{i+1})` up to the
+           rounding that step :math:`i` removed.
+        2. against the whole basis :math:`Q_j = [q_0 \dots q_j]`: removes those rounding-level
+           components and the first pass's own rounding; its last coefficient corrects
+           :math:`\alpha_j`.
+
+        The second pass's input is therefore orthogonal to :math:`Q_j` to a relative
+        :math:`\epsilon\|A\|/\beta_j`, at most about 1 % while :math:`\beta_j` is above the
+        breakdown threshold :math:`100\,\epsilon\,\|T\|`, so one full pass restores
+        orthogonality to rounding ("twice is enough" needs a nearly orthogonal input, not a
+        full first pass). Measured on 400-dimensional spectra with outliers, clusters, a
+        geometric decay and near-low rank, in float32 and float64, 200 steps: the basis stays
+        orthonormal to the same :math:`2\cdot10^{-7}` / :math:`2\cdot10^{-15}` as two full
+        passes, while a single full pass loses orthogonality completely.
+
+        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations.
+        With a free operator (``benchmarks/profile_hesd.py --task lanczos``), 100 steps cost
+        88 instead of 112 µs a step at the digits MLP's 3466 parameters and 5.5 instead of
+        6.4 ms at ResNet-20's 0.27 M. Next to a real product the gain mostly vanishes: the
+        product evicts the basis from the cache, and the first read, which both forms make,
+        is what a step pays. Returns the orthogonalised ``W`` and ``alpha``.
         """
         Q = self.store[:, : self.count]
+        local = Q[:, -2:]  # q_{j-1}, q_j: the only directions with O(1) components in A q_j
         W3 = W.unsqueeze(2)
-        h = torch.bmm(Q, W3)
-        W3 = torch.baddbmm(W3, Q.transpose(1, 2), h, alpha=-1)
+        h = torch.bmm(local, W3)
+        W3 = torch.baddbmm(W3, local.transpose(1, 2), h, alpha=-1)
         h2 = torch.bmm(Q, W3)
         W3 = torch.baddbmm(W3, Q.transpose(1, 2), h2, alpha=-1)
         return W3.squeeze(2), (h[:, -1, 0] + h2[:, -1, 0])
