@@ -166,8 +166,23 @@ def run_hesd(task: str, model, X, y, args) -> dict:
                 "single_seconds": time_per_call(lambda: single @ V, args.repeats) / 8, "hvps": 8,
                 "rel_diff": err}  # fmt: skip
     if task == "top5":
-        r = hesd.eigenvalues(op, k=5, which="LA", tol=args.eig_tol, seed=0)
-        return {"seconds": _now() - t, "hvps": r.num_matvecs, "values": r.eigenvalues.tolist()}
+        # At --eig-tol hesd's residual test guarantees (Weyl) each value within eig_tol * max|θ|; the
+        # error is usually far smaller. --hesd-tol-sweep also loosens tol by √10 a run while the
+        # answer stays within --eig-tol of the reference: the protocol PyHessian's sweep follows,
+        # which gives up the guarantee (each run timed on its own, in this one process).
+        runs = []
+        tol = args.eig_tol
+        while True:
+            t = _now()
+            r = hesd.eigenvalues(op, k=5, which="LA", tol=tol, seed=0)
+            runs.append({"tol": tol, "seconds": _now() - t, "hvps": r.num_matvecs, "values": r.eigenvalues.tolist()})
+            if not (args.hesd_tol_sweep and args.target_top5):
+                break
+            runs[-1]["error"] = _max_rel_err(runs[-1]["values"], args.target_top5)
+            if runs[-1]["error"] > args.eig_tol or tol * math.sqrt(10) > 0.1:
+                break
+            tol *= math.sqrt(10)
+        return {**runs[0], "runs": runs}
     if task == "trace":
         r = hesd.trace(op, "hutchpp", num_matvecs=args.trace_matvecs, seed=0)
         seconds = _now() - t  # Hutch++ only; the Hutchinson run below is for the comparison
@@ -459,6 +474,13 @@ def main() -> None:
         "products (the environment variables equivalent to hesd.tune_cpu_allocator; what the hesd command line "
         "does for itself)",
     )
+    ap.add_argument(
+        "--hesd-tol-sweep",
+        action="store_true",
+        help="top-5: also loosen hesd's tol by √10 a run while its answer stays within --eig-tol of the reference "
+        "(PyHessian's sweep, the other way: each tool at its loosest tolerance that is accurate enough; hesd's "
+        "residual bound is then no longer within --eig-tol)",
+    )
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument(
         "--target-top5", type=lambda x: [float(v) for v in x.split(",")], default=None, help=argparse.SUPPRESS
@@ -488,6 +510,8 @@ def main() -> None:
         passthrough.append("--trained")
     if args.batch_columns is not None:
         passthrough.append(f"--batch-columns={args.batch_columns}")
+    if args.hesd_tol_sweep:
+        passthrough.append("--hesd-tol-sweep")
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
     state = "trained (--trained)" if args.trained else "at initialisation"
     if args.tune_allocator:  # inherited by every cell's process, whichever tool it runs
@@ -568,6 +592,13 @@ def _print_model(m: str, ref: dict, res: dict, tools, tasks, eig_tol: float = 1e
                 if met:
                     print(f"  at equal accuracy (≤ {eig_tol:g}): PyHessian needs tol {met[0]['tol']:.0e}, "
                           f"{met[0]['seconds']:.2f} s → hesd {met[0]['seconds'] / hs:.1f}x faster")  # fmt: skip
+                    swept = hesd_row.get("top5", {}).get("runs", [])
+                    ok = [run for run in swept if run.get("error", math.inf) <= eig_tol]
+                    if len(ok) > 1:  # hesd's sweep found a looser tol that is still accurate enough
+                        h = min(ok, key=lambda run: run["seconds"])
+                        print(f"  each at its loosest accurate tol: hesd tol {ok[-1]['tol']:.1e} ({ok[-1]['hvps']} "
+                              f"HVPs), fastest accurate hesd run {h['seconds']:.2f} s → "
+                              f"{met[0]['seconds'] / h['seconds']:.1f}x")  # fmt: skip
                 else:
                     print(f"  PyHessian never came within {eig_tol:g} (tightest tol {r['runs'][-1]['tol']:.0e}, "
                           f"error {r['runs'][-1]['error']:.2e}): no equal-accuracy time")  # fmt: skip

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -51,6 +55,17 @@ def test_columns_benchmark_quick():
 def test_compare_rounds_keep_the_fastest_run():
     out = _run(str(BENCH / "compare.py"), "--quick", "--tools", "hesd", "--tasks", "hvp,top5", "--rounds", "2")
     assert "fastest of 2 rounds" in out and "top-5 eigenvalues" in out and "error" not in out.lower()
+
+
+def test_compare_hesd_tol_sweep_stops_at_the_first_inaccurate_tol(tmp_path):
+    out = _run(str(BENCH / "compare.py"), "--quick", "--tools", "hesd", "--tasks", "top5", "--hesd-tol-sweep",
+               "--json", str(tmp_path / "sweep.json"))  # fmt: skip
+    assert "top-5 eigenvalues" in out and "error" not in out.lower()
+    runs = json.loads((tmp_path / "sweep.json").read_text())["mlp"]["results"]["hesd"]["top5"]["runs"]
+    tols = [run["tol"] for run in runs]
+    assert tols[0] == 1e-3 and all(b / a == pytest.approx(10**0.5) for a, b in itertools.pairwise(tols))
+    assert all(run["error"] <= 1e-3 for run in runs[:-1])  # it went on only while accurate enough
+    assert runs[-1]["error"] > 1e-3 or runs[-1]["tol"] * 10**0.5 > 0.1
 
 
 def test_allocator_benchmark_quick():
