@@ -110,10 +110,12 @@ class _Basis:
 
         Cost: two reads of the stored basis a step instead of four, in 4 tensor operations.
         With a free operator (``benchmarks/profile_hesd.py --task lanczos``), 100 steps cost
-        88 instead of 112 µs a step at the digits MLP's 3466 parameters and 5.5 instead of
-        6.4 ms at ResNet-20's 0.27 M. Next to a real product the gain mostly vanishes: the
-        product evicts the basis from the cache, and the first read, which both forms make,
-        is what a step pays. Returns the orthogonalised ``W`` and ``alpha``.
+        89 instead of 111 µs a step at the digits MLP's 3466 parameters and 5.2 instead of
+        10.3 ms at ResNet-20's 0.27 M (``benchmarks/results/cpu/lanczos_step.txt``). Next to a
+        real product the gain mostly vanishes: the product evicts the basis from the cache,
+        and the first read, which both forms make, is what a step pays.
+
+        Returns the orthogonalised ``W`` and ``alpha``.
         """
         Q = self.store[:, : self.count]
         local = Q[:, -2:]  # q_{j-1}, q_j: the only directions with O(1) components in A q_j
