@@ -184,12 +184,12 @@ def run_hesd(task: str, model, X, y, args) -> dict:
             tol *= math.sqrt(10)
         return {**runs[0], "runs": runs}
     if task == "trace":
-        r = hesd.trace(op, "hutchpp", num_matvecs=args.trace_matvecs, seed=0)
-        seconds = _now() - t  # Hutch++ only; the Hutchinson run below is for the comparison
+        r = hesd.trace(op, num_matvecs=args.trace_matvecs, seed=0)  # "auto": Hutch++ or, on a flat spectrum, Hutchinson
+        seconds = _now() - t  # this run only; the Hutchinson run below is for the comparison
         rh = hesd.trace(op, "hutchinson", num_matvecs=args.trace_matvecs, seed=1)
         # Hutchinson products needed for Hutch++'s standard error: (sample std / stderr)^2.
         std_h = float(rh.samples.std(unbiased=True))
-        return {"seconds": seconds, "hvps": r.num_matvecs, "estimate": r.estimate,
+        return {"seconds": seconds, "hvps": r.num_matvecs, "estimate": r.estimate, "method": r.method,
                 "stderr": r.stderr, "hutchinson_stderr": rh.stderr,
                 "hutchinson_hvps_for_same_stderr": (std_h / r.stderr) ** 2}  # fmt: skip
     if task == "slq8":  # 8 probes x 50 steps: in lockstep (one block product per step) vs one probe at a time
@@ -616,8 +616,11 @@ def _print_model(m: str, ref: dict, res: dict, tools, tasks, eig_tol: float = 1e
         h = hesd_row.get("trace", {})
         if "hutchinson_hvps_for_same_stderr" in h:
             need = h["hutchinson_hvps_for_same_stderr"]
-            print(f"Hutch++ stderr {h['stderr']:.3g} with {h['hvps']} HVPs; Hutchinson needs ≈{need:.0f} HVPs for it "
-                  f"({need / h['hvps']:.1f}x more)")  # fmt: skip
+            used = {"hutchpp": "Hutch++", "hutchinson": "Hutchinson"}.get(h.get("method"), "Hutch++")
+            ratio = need / h["hvps"]
+            than = f"{ratio:.1f}x more" if ratio >= 1 else f"hesd needs {1 / ratio:.2f}x Hutchinson's"
+            print(f"hesd (trace 'auto' chose {used}) stderr {h['stderr']:.3g} with {h['hvps']} HVPs; Hutchinson needs "
+                  f"≈{need:.0f} HVPs for it ({than})")  # fmt: skip
     if "slq8" in tasks and "seconds" in hesd_row.get("slq8", {}):
         r = hesd_row["slq8"]
         print(f"\n### SLQ, 8 probes × 50 steps: in lockstep {r['seconds']:.2f} s (blocks by {r['block_method']}), "

@@ -97,7 +97,7 @@ def test_trace_estimators_converge_within_standard_error():
     eigs = torch.cat([torch.logspace(-3, 0, 290, dtype=torch.float64), torch.linspace(5, 50, 10, dtype=torch.float64)])
     A = random_symmetric(300, eigs, seed=8)
     true = float(eigs.sum())
-    for method in ("hutchinson", "hutchpp"):
+    for method in ("hutchinson", "hutchpp", "auto"):
         errs, ses = [], []
         for seed in range(8):
             r = hesd.trace(A, method=method, num_matvecs=60, seed=seed)
@@ -109,9 +109,33 @@ def test_trace_estimators_converge_within_standard_error():
     e_h = np.mean([abs(hesd.trace(A, "hutchinson", 90, seed=s).estimate - true) for s in range(8)])
     e_pp = np.mean([abs(hesd.trace(A, "hutchpp", 90, seed=s).estimate - true) for s in range(8)])
     assert e_pp < e_h / 3
+    # ... and "auto" sees it: it keeps Hutch++, with the same probes and so the same result.
+    for seed in range(4):
+        auto, pp = hesd.trace(A, "auto", 90, seed=seed), hesd.trace(A, "hutchpp", 90, seed=seed)
+        assert auto.method == "hutchpp" and auto.estimate == pp.estimate and auto.info["left"] < 0.2
+        assert auto.info["hutchpp_variance"] < auto.info["hutchinson_variance"]
     # More products, smaller error.
     big = hesd.trace(A, "hutchpp", 600, seed=0)
     assert abs(big.estimate - true) < 3 * big.stderr and big.stderr < 0.5 * hesd.trace(A, "hutchpp", 60).stderr
+
+
+def test_trace_auto_falls_back_to_hutchinson_on_a_flat_spectrum():
+    """Eigenvalues spread evenly over [-1, 1] (as at initialisation): deflating 20 directions
+    removes little, so "auto" spends its products on fresh Hutchinson probes. It stays unbiased
+    and beats Hutch++, which wastes two thirds of its products on the deflation."""
+    g = torch.Generator().manual_seed(3)
+    eigs = torch.empty(400, dtype=torch.float64).uniform_(-1, 1, generator=g)
+    A = random_symmetric(400, eigs, seed=6)
+    true = float(eigs.sum())
+    runs = {m: [hesd.trace(A, m, 60, seed=s) for s in range(40)] for m in ("auto", "hutchpp", "hutchinson")}
+    assert sum(r.method == "hutchinson" for r in runs["auto"]) >= 36
+    assert all(r.num_matvecs == 60 and r.info["left"] > 0.6 for r in runs["auto"])
+    rms = {m: float(np.sqrt(np.mean([(r.estimate - true) ** 2 for r in rs]))) for m, rs in runs.items()}
+    assert rms["auto"] < 0.85 * rms["hutchpp"] and rms["hutchinson"] < rms["auto"]
+    err = np.array([r.estimate - true for r in runs["auto"]])
+    assert abs(err.mean()) < 3 * err.std(ddof=1) / np.sqrt(len(err))  # unbiased
+    fallback = next(r for r in runs["auto"] if r.method == "hutchinson")
+    assert len(fallback.samples) == 40  # the 40 products left after the 20-column sketch
 
 
 def test_trace_on_hessian_operator_and_errors():
@@ -120,10 +144,14 @@ def test_trace_on_hessian_operator_and_errors():
     op = hesd.HessianOperator(model, CE, batches)
     r = hesd.trace(op, "hutchpp", num_matvecs=op.shape[0] * 3)  # sketch spans everything: exact
     assert abs(r.estimate - float(torch.trace(H))) < 1e-8
+    r = hesd.trace(op, "auto", num_matvecs=op.shape[0] * 3)  # a spanning sketch: "auto" keeps Hutch++
+    assert r.method == "hutchpp" and abs(r.estimate - float(torch.trace(H))) < 1e-8
     with pytest.raises(ValueError, match="method must be"):
         hesd.trace(H, method="xtrace")
     with pytest.raises(ValueError, match="hutchpp needs num_matvecs >= 3"):
-        hesd.trace(H, num_matvecs=2)
+        hesd.trace(H, "hutchpp", num_matvecs=2)
+    with pytest.raises(ValueError, match="auto needs num_matvecs >= 3"):
+        hesd.trace(H, num_matvecs=2)  # "auto", the default
 
 
 def test_memory_modes_against_full_reorthogonalisation():

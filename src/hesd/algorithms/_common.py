@@ -64,8 +64,10 @@ class TraceResult:
         stderr: its standard error (sample standard deviation of the stochastic part over
             the square root of its probe count).
         num_matvecs: operator products used.
-        method: ``"hutchinson"`` or ``"hutchpp"``.
+        method: the estimator that produced ``estimate``: ``"hutchinson"`` or ``"hutchpp"``
+            (for ``method="auto"``, the one it chose).
         samples: the per-probe quadratic forms of the stochastic part.
+        info: for ``method="auto"``, how it chose (see :func:`hesd.trace`).
     """
 
     estimate: float
@@ -73,6 +75,7 @@ class TraceResult:
     num_matvecs: int
     method: str
     samples: torch.Tensor = field(repr=False)
+    info: dict = field(default_factory=dict)
 
     def __float__(self) -> float:
         return self.estimate

