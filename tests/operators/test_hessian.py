@@ -465,13 +465,23 @@ def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
         return orig(self, V)
 
     monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", slow_pass)
-    # The 4 ms sleep plus the product itself can pass the 5 ms limit on a slow machine (5.6 ms was
-    # seen): the limit is not what this test checks, so it is lifted.
+    # The 4 ms sleep plus the product itself passed the old 5 ms limit on a slow machine (5.6 ms):
+    # the limit is not what this test checks, so it is lifted.
     monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
     V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     HV = op @ V
     assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
-    assert widths == [1] * 8 + [8, 8, 8] + [12]  # 8 single, a warm-up and two timed blocks, then the rest
+    # 8 single, a warm-up block on columns 8-15 (kept), one timed block that repeats columns 0-7
+    # (no 8 columns left: thrown away, and not repeated), then the last 4 columns in one block.
+    assert widths == [1] * 8 + [8, 8] + [4]
+    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert op.num_matvecs == 20
+    # With 32 columns or more every trial block multiplies new columns: nothing is thrown away.
+    widths.clear()
+    wide = hesd.HessianOperator(model, CE, batches)
+    V = torch.randn(H.shape[0], 41, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    HV = wide @ V
+    assert wide.batch_columns == 8 and widths[:11] == [1] * 8 + [8, 8, 8] and sum(widths) == 41
     assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
 
 

@@ -51,7 +51,7 @@ _METHODS = ("auto", "graph", "double_backward", "func")
 _EVAL_BATCHNORM = ("affine", "native")
 _TUNE_MIN_SECONDS = 0.05  # blocks faster than this by the batched backward keep it (see _choose_block_method)
 _TUNE_COLUMNS = 8  # block width tried on the CPU (see _choose_batch_columns)
-_TUNE_COLUMNS_MAX_SECONDS = 0.005  # single products slower than this keep one column per pass on the CPU
+_TUNE_COLUMNS_MAX_SECONDS = 0.010  # single products slower than this keep one column per pass on the CPU
 _TUNE_COLUMNS_GAIN = 0.8  # blocks are kept only when they cost at most this fraction per product
 
 
@@ -230,7 +230,7 @@ class HessianOperator(LinearOperator):
             vector) instead of one pass per column. ``None`` (default) chooses by device:
             8 on a GPU, where one vector leaves the chip mostly idle. On the CPU it starts at 1
             and the first product of several columns decides (:meth:`_choose_batch_columns`):
-            when one product takes under 5 ms, a block of 8 is timed against single columns
+            when one product takes under 10 ms, a block of 8 is timed against single columns
             and kept if it is at least 20 % cheaper per product (``column_timings`` holds the
             times). ``benchmarks/hvp.py`` and ``benchmarks/columns.py`` measured blocks of 8 2×
             faster per product for the digits MLP over 6 batches, no faster for it over one
@@ -744,17 +744,23 @@ class HessianOperator(LinearOperator):
         blocks of :data:`_TUNE_COLUMNS` (8) columns beat one column per pass, and keep the choice.
 
         The first ``k = min(8, V.shape[1])`` columns are multiplied one at a time and timed (the
-        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one
+        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (10 ms), one
         column per pass is kept without trying a block: on the CPU blocks lost for every
         expensive model measured (ResNet-20: 1.4–1.6× slower per product in ``benchmarks/hvp.py``,
         4.4× slower end to end in ``benchmarks/columns.py``), and a trial would cost seconds.
-        Otherwise the same ``k`` columns go through one block three times, the first untimed (it
-        warms up the batched backward, and ``auto`` chooses its block method there), and blocks
-        are kept when the faster timed block costs at most ``_TUNE_COLUMNS_GAIN`` (0.8) of a
-        single product per column: the gains measured were about 2× (digits MLP over 6
-        batches), and a marginal difference is noise at these sub-millisecond times. The trial
-        costs at most three blocks of cheap products (about 0.1 s); they are not counted in
-        ``num_matvecs``.
+        The limit was 5 ms until the fifth session, when a slow day put the digits MLP over 6
+        batches, whose blocks halve the cost, at 3.3–6.7 ms a product: 5 ms then skipped the
+        trial on some runs. 10 ms keeps twice that margin; ResNet-20 takes 0.36 s.
+        Otherwise blocks of 8 follow: one untimed (it warms up the batched backward, and
+        ``auto`` chooses its block method there), then one or two timed; blocks are kept when
+        the faster timed block costs at most ``_TUNE_COLUMNS_GAIN`` (0.8) of a single product per
+        column: the gains measured were about 2× (digits MLP over 6 batches), and a marginal
+        difference is noise at these sub-millisecond times (noise only slows a block down, so a
+        single timing errs towards one column). Each trial block multiplies the next 8 columns
+        of ``V`` when there are 8 left, and its result is kept; otherwise it repeats the first
+        ``k`` columns and is thrown away (not counted in ``num_matvecs``), and then only one
+        block is timed. Hutch++'s first sketch of 20 columns thus throws 1 block away (3 before
+        the fifth session), 32 columns or more none.
         """
         self._tune_columns = False
         k = min(_TUNE_COLUMNS, V.shape[1])
@@ -765,17 +771,27 @@ class HessianOperator(LinearOperator):
             single.append(seconds)
         t_single = min(single)
         self.column_timings = {"single": t_single}
-        head = torch.cat(cols, dim=1)
+        done = k  # columns of V multiplied so far, in order
         if t_single <= _TUNE_COLUMNS_MAX_SECONDS:
             self.batch_columns = _TUNE_COLUMNS
-            self._product(V[:, :k])  # warm-up (and auto's block method)
-            t_block = min(self._timed(self._product, V[:, :k])[1] for _ in range(2)) / k
-            self.column_timings["block"] = t_block
-            if t_block > _TUNE_COLUMNS_GAIN * t_single:
+            timed = []
+            for trial in range(3):  # a warm-up (and auto's block method), then one or two timed blocks
+                real = done + _TUNE_COLUMNS <= V.shape[1]
+                if trial == 2 and not real:
+                    break  # a second timing is not worth a block thrown away
+                block = V[:, done : done + _TUNE_COLUMNS] if real else V[:, :k]
+                out, seconds = self._timed(self._product, block)
+                if trial:
+                    timed.append(seconds / block.shape[1])
+                if real:
+                    cols.append(out)
+                    done += _TUNE_COLUMNS
+            self.column_timings["block"] = min(timed)
+            if self.column_timings["block"] > _TUNE_COLUMNS_GAIN * t_single:
                 self.batch_columns = 1
-        if k == V.shape[1]:
-            return head
-        return torch.cat([head, self._product(V[:, k:])], dim=1)
+        if done < V.shape[1]:
+            cols.append(self._product(V[:, done:]))
+        return torch.cat(cols, dim=1)
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` on this rank by the configured method (no count, no all-reduce)."""
