@@ -364,7 +364,9 @@ class HessianOperator(LinearOperator):
         self.eval_batchnorm = eval_batchnorm
         self._affine_bn = eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         self.batch_columns = batch_columns if batch_columns is not None else (8 if self.device.type == "cuda" else 1)
-        self._tune_columns = batch_columns is None and self.device.type != "cuda"
+        # No timing-based trial across ranks: each would decide on its own timings (a CI run saw a
+        # 3-rank Hutch++ trace differ from one process once); one column per pass everywhere.
+        self._tune_columns = batch_columns is None and self.device.type != "cuda" and self.process_group is None
         self.default_lockstep = self.batch_columns
         self.column_timings: dict[str, float] = {}
         reduction = getattr(loss_fn, "reduction", "mean")
