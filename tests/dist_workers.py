@@ -43,6 +43,21 @@ def algorithms_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def mixed_columns_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Ranks with different block widths: rank 0 multiplies 8 columns per pass (its result is
+    the transpose of a ``(k, P)`` tensor), the others one column per pass (contiguous)."""
+    _init(rank, world, init_file)
+    try:
+        model, batches, _ = make_case("mlp", seed=33)
+        op = hesd.HessianOperator(model, CE, shard(batches), process_group=True,
+                                  batch_columns=8 if rank == 0 else 1)  # fmt: skip
+        V = torch.randn(op.shape[0], 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        torch.save({"HV": op @ V, "trace": hesd.trace(op, "hutchpp", num_matvecs=30, seed=2).estimate},
+                   f"{out}/mixed_rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
 def failing_worker(rank: int, world: int, init_file: str, out: str) -> None:
     _init(rank, world, init_file)
     try:

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import hesd
-from dist_workers import CE, algorithms_worker, failing_worker, series_worker
+from dist_workers import CE, algorithms_worker, failing_worker, mixed_columns_worker, series_worker
 from helpers import make_case
 from hesd.models import DigitsMLP, load_digits_tensors
 
@@ -50,6 +50,22 @@ def test_data_parallel_matches_single_process(world, tmp_path):
     # Every rank computed bit-identical Lanczos results (same decisions everywhere).
     for r in results[1:]:
         assert r["slq"]["values"] == results[0]["slq"]["values"]
+
+
+def test_ranks_with_different_block_widths_sum_correctly(tmp_path):
+    # Ranks choose their block width on their own timings. A block's result lies transposed in
+    # memory; gloo sums storage as it lies, so before HessianOperator._allreduce made it
+    # contiguous these ranks summed unrelated entries (errors of order 1, no exception).
+    _spawn(mixed_columns_worker, 2, tmp_path)
+    model, batches, _ = make_case("mlp", seed=33)
+    op = hesd.HessianOperator(model, CE, batches, batch_columns=1)
+    V = torch.randn(op.shape[0], 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    HV = op @ V
+    trace = hesd.trace(op, "hutchpp", num_matvecs=30, seed=2).estimate
+    for r in range(2):
+        got = torch.load(tmp_path / f"mixed_rank{r}.pt", weights_only=False)
+        assert (got["HV"] - HV).abs().max() < 1e-12 * HV.abs().max()
+        assert abs(got["trace"] - trace) < 1e-9 * abs(trace)
 
 
 def test_failing_rank_fails_every_rank_quickly(tmp_path):

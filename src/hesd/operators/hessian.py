@@ -364,9 +364,9 @@ class HessianOperator(LinearOperator):
         self.eval_batchnorm = eval_batchnorm
         self._affine_bn = eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         self.batch_columns = batch_columns if batch_columns is not None else (8 if self.device.type == "cuda" else 1)
-        # No timing-based trial across ranks: each would decide on its own timings (a CI run saw a
-        # 3-rank Hutch++ trace differ from one process once); one column per pass everywhere.
-        self._tune_columns = batch_columns is None and self.device.type != "cuda" and self.process_group is None
+        # Under torch.distributed each rank decides on its own timings; the block width changes
+        # only the layout of the local result, which _allreduce makes contiguous.
+        self._tune_columns = batch_columns is None and self.device.type != "cuda"
         self.default_lockstep = self.batch_columns
         self.column_timings: dict[str, float] = {}
         reduction = getattr(loss_fn, "reduction", "mean")
@@ -427,7 +427,13 @@ class HessianOperator(LinearOperator):
         return (1.0 if self._sum_reduction else float(n)) / self._num_samples
 
     def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks (in place; returned). ``t`` is made contiguous first: a block
+        product's result is the transpose of a ``(k, P)`` tensor, and gloo sums the storage as it
+        lies, so a rank holding that layout beside one holding a contiguous ``(P, k)`` (ranks may
+        choose different block widths) summed unrelated entries without an error (a CI run saw a
+        3-rank trace of 3.24 for 4.46; ``tests/test_distributed.py`` pins mixed widths)."""
         if self.process_group is not None:
+            t = t.contiguous()
             torch.distributed.all_reduce(t, group=self.process_group)
         return t
 
