@@ -431,23 +431,42 @@ def test_tf32_is_off_inside_products_and_settings_are_restored(allow_tf32):
         torch.set_float32_matmul_precision(before[1])
 
 
-def test_cpu_block_width_is_chosen_on_the_first_block_and_stays_exact():
+def test_cpu_block_width_is_chosen_over_the_first_calls_and_stays_exact(monkeypatch):
     model, batches, _ = make_case("mlp", seed=11)
     H = hesd.exact_hessian(model, CE, batches)
+    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)  # not what this test checks
     op = hesd.HessianOperator(model, CE, batches)
     assert op.batch_columns == 1 and op.column_timings == {} and op.default_lockstep == 1
-    V = torch.randn(H.shape[0], 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    V = torch.randn(H.shape[0], 36, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     op @ V[:, 0]  # one column: nothing to decide
     assert op.column_timings == {}
-    HV = op @ V  # decides on the first 8 columns, multiplies the last 3 with the choice
-    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-    assert set(op.column_timings) == {"single", "block"} and op.batch_columns in (1, 8)
+    tol = 1e-10 * max(1.0, float(H.abs().max()))
+    # Calls of 8 columns, as hesd.trace makes them: 8 single, a warm-up block, two timed blocks.
+    for start, timings in zip(range(0, 36, 8), [{"single"}] * 3 + [{"single", "block"}] * 2, strict=True):
+        HV = op @ V[:, start : start + 8]
+        assert (HV - H @ V[:, start : start + 8]).abs().max() < tol
+        assert set(op.column_timings) == timings
     gain = hessian_module._TUNE_COLUMNS_GAIN
     assert op.batch_columns == (8 if op.column_timings["block"] <= gain * op.column_timings["single"] else 1)
-    assert op.num_matvecs == 12  # the trial products are not counted
-    assert (op @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+    assert op.num_matvecs == 37  # every trial product is a real one
+    assert (op @ V - H @ V).abs().max() < tol
     assert op.default_lockstep == 1  # SLQ's default does not follow the choice
     assert hesd.slq(op, 5, 2, seed=0).info["lockstep"] == 1
+
+
+def _slow_graph_passes(monkeypatch, seconds) -> list[int]:
+    """Each pass over the data (``_matmat_graph``) of ``k`` columns sleeps ``seconds(k)`` first;
+    returns the list the passes' widths are appended to."""
+    widths: list[int] = []
+    orig = hesd.HessianOperator._matmat_graph
+
+    def slow_pass(self, V):
+        time.sleep(seconds(V.shape[1]))
+        widths.append(V.shape[1])
+        return orig(self, V)
+
+    monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", slow_pass)
+    return widths
 
 
 def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
@@ -456,32 +475,42 @@ def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
     model, batches, _ = make_case("mlp", seed=12)
     H = hesd.exact_hessian(model, CE, batches)
     op = hesd.HessianOperator(model, CE, batches)
-    widths = []
-    orig = hesd.HessianOperator._matmat_graph
-
-    def slow_pass(self, V):
-        time.sleep(0.004)
-        widths.append(V.shape[1])
-        return orig(self, V)
-
-    monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", slow_pass)
+    widths = _slow_graph_passes(monkeypatch, lambda k: 0.004)
     # The 4 ms sleep plus the product itself passed the old 5 ms limit on a slow machine (5.6 ms):
     # the limit is not what this test checks, so it is lifted.
     monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
+    tol = 1e-10 * max(1.0, float(H.abs().max()))
     V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     HV = op @ V
+    # 8 single, a warm-up block, then the last 4 columns in a block (too short to time): undecided.
+    assert widths == [1] * 8 + [8, 4] and op.batch_columns == 8 and set(op.column_timings) == {"single"}
+    assert (HV - H @ V).abs().max() < tol
+    widths.clear()
+    HV = op @ V  # two timed blocks decide; the last 4 columns go with the choice
+    assert widths == [8, 8, 4]
     assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
-    # 8 single, a warm-up block on columns 8-15 (kept), one timed block that repeats columns 0-7
-    # (no 8 columns left: thrown away, and not repeated), then the last 4 columns in one block.
-    assert widths == [1] * 8 + [8, 8] + [4]
-    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-    assert op.num_matvecs == 20
-    # With 32 columns or more every trial block multiplies new columns: nothing is thrown away.
+    assert (HV - H @ V).abs().max() < tol
+    assert op.num_matvecs == 40
+    # One call of 41 columns holds the whole trial; the 9 columns after it go in one pass.
     widths.clear()
     wide = hesd.HessianOperator(model, CE, batches)
     V = torch.randn(H.shape[0], 41, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     HV = wide @ V
-    assert wide.batch_columns == 8 and widths[:11] == [1] * 8 + [8, 8, 8] and sum(widths) == 41
+    assert wide.batch_columns == 8 and widths == [1] * 8 + [8, 8, 8, 9]
+    assert (HV - H @ V).abs().max() < tol and wide.num_matvecs == 41
+
+
+def test_cpu_block_width_gives_up_blocks_that_do_not_pay(monkeypatch):
+    """A fixed cost per column (each column 4 ms, in or out of a block): blocks are no cheaper,
+    so after the trial every later product runs one column per pass."""
+    model, batches, _ = make_case("mlp", seed=14)
+    H = hesd.exact_hessian(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches)
+    widths = _slow_graph_passes(monkeypatch, lambda k: 0.004 * k)
+    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
+    V = torch.randn(H.shape[0], 34, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    HV = op @ V
+    assert widths == [1] * 8 + [8, 8, 8] + [2] and op.batch_columns == 1  # the last 2 in single passes
     assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
 
 

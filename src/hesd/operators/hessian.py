@@ -229,12 +229,13 @@ class HessianOperator(LinearOperator):
             (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
             vector) instead of one pass per column. ``None`` (default) chooses by device:
             8 on a GPU, where one vector leaves the chip mostly idle. On the CPU it starts at 1
-            and the first product of several columns decides (:meth:`_choose_batch_columns`):
-            when one product takes under 5 ms, a block of 8 is timed against single columns
-            and kept if it is at least 20 % cheaper per product (``column_timings`` holds the
-            times). ``benchmarks/hvp.py`` and ``benchmarks/columns.py`` measured blocks of 8 2×
-            faster per product for the digits MLP over 6 batches, no faster for it over one
-            batch, and 1.4–4.4× slower for ResNet-20. Results equal the
+            and the first products of several columns decide (:meth:`_choose_batch_columns`):
+            when one product takes under 5 ms, blocks of 8 are timed against single columns
+            and kept if they are at least 20 % cheaper per product (``column_timings`` holds
+            the times); every trial product is a real one. ``benchmarks/hvp.py`` and
+            ``benchmarks/columns.py`` measured blocks of 8 2× faster per product for the digits
+            MLP over 6 batches, no faster for it over one batch, and 1.4–4.4× slower for
+            ResNet-20. Results equal the
             column-by-column products to rounding (tested).
         eval_batchnorm: how BatchNorm layers with running statistics (``model_mode="eval"``)
             enter the products. ``"affine"`` (default) evaluates each as the per-channel affine
@@ -262,8 +263,9 @@ class HessianOperator(LinearOperator):
             so that SLQ results never depend on which products ran before (the CPU's block
             choice, below, does not change it).
         column_timings: on the CPU with ``batch_columns=None``, seconds per product measured
-            by the first product of several columns: ``"single"``, and ``"block"`` when a block
-            was tried (empty until then).
+            by the first products of several columns: ``"single"`` once 8 single columns were
+            timed, and ``"block"`` once blocks were tried (empty until then). While blocks are
+            being tried ``batch_columns`` is 8; the decision sets it for good.
 
     Notes:
         Products are taken at the parameter values of the moment: if parameters change
@@ -367,6 +369,7 @@ class HessianOperator(LinearOperator):
         # Under torch.distributed each rank decides on its own timings; the block width changes
         # only the layout of the local result, which _allreduce makes contiguous.
         self._tune_columns = batch_columns is None and self.device.type != "cuda"
+        self._column_trial: dict[str, Any] = {"single": [], "blocks": 0, "block": []}
         self.default_lockstep = self.batch_columns
         self.column_timings: dict[str, float] = {}
         reduction = getattr(loss_fn, "reduction", "mean")
@@ -748,58 +751,67 @@ class HessianOperator(LinearOperator):
         return result, time.perf_counter() - t
 
     def _choose_batch_columns(self, V: torch.Tensor) -> torch.Tensor:
-        """CPU, ``batch_columns=None``: on the first product of several columns, decide whether
-        blocks of :data:`_TUNE_COLUMNS` (8) columns beat one column per pass, and keep the choice.
+        """CPU, ``batch_columns=None``: decide, over the first products of several columns,
+        whether blocks of :data:`_TUNE_COLUMNS` (8) columns beat one column per pass, and keep
+        the choice. Every trial product multiplies a real column of ``V``: nothing is thrown away.
 
-        The first ``k = min(8, V.shape[1])`` columns are multiplied one at a time and timed (the
-        minimum counts). If a product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one
-        column per pass is kept without trying a block: on the CPU blocks lost for every
-        expensive model measured (ResNet-20: 1.4–1.6× slower per product in ``benchmarks/hvp.py``,
-        4.4× slower end to end in ``benchmarks/columns.py``), and a trial would cost seconds.
-        On a slow day the digits MLP over 6 batches, whose blocks halve the cost, took 3.3–6.7
-        ms a product and skipped the trial on some runs; a higher limit is not measured on
-        convolutional models, so it stays.
-        Otherwise blocks of 8 follow: one untimed (it warms up the batched backward, and
-        ``auto`` chooses its block method there), then one or two timed; blocks are kept when
-        the faster timed block costs at most ``_TUNE_COLUMNS_GAIN`` (0.8) of a single product per
-        column: the gains measured were about 2× (digits MLP over 6 batches), and a marginal
-        difference is noise at these sub-millisecond times (noise only slows a block down, so a
-        single timing errs towards one column). Each trial block multiplies the next 8 columns
-        of ``V`` when there are 8 left, and its result is kept; otherwise it repeats the first
-        ``k`` columns and is thrown away (not counted in ``num_matvecs``), and then only one
-        block is timed. Hutch++'s first sketch of 20 columns thus throws 1 block away (3 before
-        the fifth session), 32 columns or more none.
+        The trial runs across calls, on the columns in the order they come:
+
+        1. The first 8 columns are multiplied one at a time and timed (the minimum counts). If a
+           product takes more than ``_TUNE_COLUMNS_MAX_SECONDS`` (5 ms), one column per pass is
+           kept: on the CPU blocks lost for every expensive model measured (ResNet-20: 1.4–1.6×
+           slower per product in ``benchmarks/hvp.py``, 4.4× slower end to end in
+           ``benchmarks/columns.py``), and trying them would cost seconds. On a slow day the
+           digits MLP over 6 batches, whose blocks halve the cost, took 3.3–6.7 ms a product and
+           skipped the trial on some runs; a higher limit is not measured on convolutional
+           models, so it stays.
+        2. Otherwise the next columns go in blocks of 8. The first full block warms up the
+           batched backward (and ``auto`` chooses its block method there); the next two full
+           blocks are timed. A shorter block (the end of a call) is multiplied, not timed.
+        3. Blocks are kept when the faster timed block costs at most ``_TUNE_COLUMNS_GAIN``
+           (0.8) of a single product per column: the gains measured were about 2× (digits MLP
+           over 6 batches), and a marginal difference is noise at these sub-millisecond times
+           (noise only slows a block down, so a single timing errs towards one column).
+
+        ``hesd.trace`` pushes its probes through in calls of 8 columns, so the trial takes its
+        first 5–6 calls. Until the fifth session's end the trial decided within one call and
+        repeated columns when the call had too few: for the digits MLP that threw away 16
+        column products of a 60-product Hutch++ (``benchmarks/results/cpu/columns_trial_calls.txt``).
         """
-        self._tune_columns = False
-        k = min(_TUNE_COLUMNS, V.shape[1])
-        cols, single = [], []
-        for j in range(k):
-            col, seconds = self._timed(self._product, V[:, j : j + 1])
-            cols.append(col)
-            single.append(seconds)
-        t_single = min(single)
-        self.column_timings = {"single": t_single}
-        done = k  # columns of V multiplied so far, in order
-        if t_single <= _TUNE_COLUMNS_MAX_SECONDS:
-            self.batch_columns = _TUNE_COLUMNS
-            timed = []
-            for trial in range(3):  # a warm-up (and auto's block method), then one or two timed blocks
-                real = done + _TUNE_COLUMNS <= V.shape[1]
-                if trial == 2 and not real:
-                    break  # a second timing is not worth a block thrown away
-                block = V[:, done : done + _TUNE_COLUMNS] if real else V[:, :k]
-                out, seconds = self._timed(self._product, block)
-                if trial:
-                    timed.append(seconds / block.shape[1])
-                if real:
-                    cols.append(out)
-                    done += _TUNE_COLUMNS
-            self.column_timings["block"] = min(timed)
-            if self.column_timings["block"] > _TUNE_COLUMNS_GAIN * t_single:
-                self.batch_columns = 1
-        if done < V.shape[1]:
-            cols.append(self._product(V[:, done:]))
-        return torch.cat(cols, dim=1)
+        trial = self._column_trial
+        n = V.shape[1]
+        cols: list[torch.Tensor] = []
+        j = 0
+        while self._tune_columns and j < n:
+            if len(trial["single"]) < _TUNE_COLUMNS:
+                col, seconds = self._timed(self._product, V[:, j : j + 1])
+                trial["single"].append(seconds)
+                cols.append(col)
+                j += 1
+                if len(trial["single"]) == _TUNE_COLUMNS:
+                    self.column_timings = {"single": min(trial["single"])}
+                    if self.column_timings["single"] > _TUNE_COLUMNS_MAX_SECONDS:
+                        self._tune_columns = False  # expensive products: one column per pass
+                    else:
+                        self.batch_columns = _TUNE_COLUMNS  # blocks from here on, while they are tried
+                continue
+            block = V[:, j : j + _TUNE_COLUMNS]
+            out, seconds = self._timed(self._product, block)
+            cols.append(out)
+            j += block.shape[1]
+            if block.shape[1] < _TUNE_COLUMNS:
+                continue
+            trial["blocks"] += 1
+            if trial["blocks"] > 1:  # the first full block warms up
+                trial["block"].append(seconds / _TUNE_COLUMNS)
+            if len(trial["block"]) == 2:
+                self.column_timings["block"] = min(trial["block"])
+                if self.column_timings["block"] > _TUNE_COLUMNS_GAIN * self.column_timings["single"]:
+                    self.batch_columns = 1
+                self._tune_columns = False
+        if j < n:
+            cols.append(self._product(V[:, j:]))
+        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     def _product(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` on this rank by the configured method (no count, no all-reduce)."""
