@@ -452,6 +452,13 @@ def test_cpu_block_width_is_chosen_over_the_first_calls_and_stays_exact(monkeypa
     assert (op @ V - H @ V).abs().max() < tol
     assert op.default_lockstep == 1  # SLQ's default does not follow the choice
     assert hesd.slq(op, 5, 2, seed=0).info["lockstep"] == 1
+    # Calls that never hold 8 columns (lockstep SLQ with 3 probes) decide too.
+    narrow = hesd.HessianOperator(model, CE, batches)
+    res = hesd.slq(narrow, 8, 3, seed=0, lockstep=3)
+    assert set(narrow.column_timings) == {"single", "block"} and narrow.batch_columns in (1, 8)
+    ref = hesd.slq(H, 8, 3, seed=0)
+    for got, want in zip(res.values, ref.values, strict=True):
+        assert np.allclose(got, want, atol=1e-9)
 
 
 def _slow_graph_passes(monkeypatch, seconds) -> list[int]:
@@ -474,26 +481,28 @@ def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
     block of 8 cheaper per product than 8 single passes: blocks are kept and used after."""
     model, batches, _ = make_case("mlp", seed=12)
     H = hesd.exact_hessian(model, CE, batches)
-    op = hesd.HessianOperator(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
     widths = _slow_graph_passes(monkeypatch, lambda k: 0.004)
+    # hvp_method="graph": with "auto" a first block over 50 ms (a loaded machine) would also
+    # time vmap against the graph, adding passes to ``widths``.
     # The 4 ms sleep plus the product itself passed the old 5 ms limit on a slow machine (5.6 ms):
     # the limit is not what this test checks, so it is lifted.
     monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
     tol = 1e-10 * max(1.0, float(H.abs().max()))
     V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     HV = op @ V
-    # 8 single, a warm-up block, then the last 4 columns in a block (too short to time): undecided.
+    # 8 single, a warm-up block, then the last 4 columns in the first timed block: undecided.
     assert widths == [1] * 8 + [8, 4] and op.batch_columns == 8 and set(op.column_timings) == {"single"}
     assert (HV - H @ V).abs().max() < tol
     widths.clear()
-    HV = op @ V  # two timed blocks decide; the last 4 columns go with the choice
-    assert widths == [8, 8, 4]
+    HV = op @ V  # the second timed block decides; the other 12 columns go in one pass with the choice
+    assert widths == [8, 12]
     assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
     assert (HV - H @ V).abs().max() < tol
     assert op.num_matvecs == 40
     # One call of 41 columns holds the whole trial; the 9 columns after it go in one pass.
     widths.clear()
-    wide = hesd.HessianOperator(model, CE, batches)
+    wide = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
     V = torch.randn(H.shape[0], 41, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     HV = wide @ V
     assert wide.batch_columns == 8 and widths == [1] * 8 + [8, 8, 8, 9]
@@ -505,7 +514,7 @@ def test_cpu_block_width_gives_up_blocks_that_do_not_pay(monkeypatch):
     so after the trial every later product runs one column per pass."""
     model, batches, _ = make_case("mlp", seed=14)
     H = hesd.exact_hessian(model, CE, batches)
-    op = hesd.HessianOperator(model, CE, batches)
+    op = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
     widths = _slow_graph_passes(monkeypatch, lambda k: 0.004 * k)
     monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
     V = torch.randn(H.shape[0], 34, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

@@ -765,9 +765,11 @@ class HessianOperator(LinearOperator):
            digits MLP over 6 batches, whose blocks halve the cost, took 3.3–6.7 ms a product and
            skipped the trial on some runs; a higher limit is not measured on convolutional
            models, so it stays.
-        2. Otherwise the next columns go in blocks of 8. The first full block warms up the
-           batched backward (and ``auto`` chooses its block method there); the next two full
-           blocks are timed. A shorter block (the end of a call) is multiplied, not timed.
+        2. Otherwise the next columns go in blocks of up to 8 (fewer at the end of a call).
+           The first block warms up the batched backward (and ``auto`` chooses its block method
+           there); the next two are timed, per column. A block narrower than 8 amortises less,
+           so its timing errs towards one column per pass; but calls that never hold 8 columns
+           (``slq(..., lockstep=4)``) still get a decision.
         3. Blocks are kept when the faster timed block costs at most ``_TUNE_COLUMNS_GAIN``
            (0.8) of a single product per column: the gains measured were about 2× (digits MLP
            over 6 batches), and a marginal difference is noise at these sub-millisecond times
@@ -799,11 +801,11 @@ class HessianOperator(LinearOperator):
             out, seconds = self._timed(self._product, block)
             cols.append(out)
             j += block.shape[1]
-            if block.shape[1] < _TUNE_COLUMNS:
-                continue
+            if block.shape[1] == 1:
+                continue  # a lone column at the end of a call is no block
             trial["blocks"] += 1
-            if trial["blocks"] > 1:  # the first full block warms up
-                trial["block"].append(seconds / _TUNE_COLUMNS)
+            if trial["blocks"] > 1:  # the first block warms up
+                trial["block"].append(seconds / block.shape[1])
             if len(trial["block"]) == 2:
                 self.column_timings["block"] = min(trial["block"])
                 if self.column_timings["block"] > _TUNE_COLUMNS_GAIN * self.column_timings["single"]:
