@@ -775,10 +775,12 @@ class HessianOperator(LinearOperator):
            over 6 batches), and a marginal difference is noise at these sub-millisecond times
            (noise only slows a block down, so a single timing errs towards one column).
 
-        ``hesd.trace`` pushes its probes through in calls of 8 columns, so the trial takes its
-        first 5–6 calls. Until the fifth session's end the trial decided within one call and
-        repeated columns when the call had too few: for the digits MLP that threw away 16
-        column products of a 60-product Hutch++ (``benchmarks/results/cpu/columns_trial_calls.txt``).
+        ``hesd.trace`` pushes its probes through in calls of at most 8 columns, so the trial
+        takes its first 4 calls (Hutch++'s sketch of 20 columns: 8 single, a warm-up block of 8,
+        a timed block of 4; then a timed block of 8). Until the fifth session's end the trial
+        decided within one call and repeated columns when the call had too few: for the digits
+        MLP that threw away 16 column products of a 60-product Hutch++
+        (``benchmarks/results/cpu/columns_trial_calls.txt``).
         """
         trial = self._column_trial
         n = V.shape[1]
