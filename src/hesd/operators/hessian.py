@@ -235,8 +235,7 @@ class HessianOperator(LinearOperator):
             the times); every trial product is a real one. ``benchmarks/hvp.py`` and
             ``benchmarks/columns.py`` measured blocks of 8 2× faster per product for the digits
             MLP over 6 batches, no faster for it over one batch, and 1.4–4.4× slower for
-            ResNet-20. Results equal the
-            column-by-column products to rounding (tested).
+            ResNet-20. Results equal the column-by-column products to rounding (tested).
         eval_batchnorm: how BatchNorm layers with running statistics (``model_mode="eval"``)
             enter the products. ``"affine"`` (default) evaluates each as the per-channel affine
             map :math:`y = x\,s + b` it is (:math:`s = \gamma/\sqrt{\sigma^2+\epsilon}`,
