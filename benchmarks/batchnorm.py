@@ -28,7 +28,7 @@ from torch import nn
 
 import hesd
 from hesd.models import resnet20
-from hesd.operators._batchnorm import AffineEvalBatchNorm
+from hesd.operators.batchnorm import AffineEvalBatchNorm
 
 SHAPES = ((16, 32), (32, 16), (64, 8))  # (channels, height = width) of ResNet-20's three stages
 

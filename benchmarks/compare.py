@@ -515,7 +515,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
     state = "trained (--trained)" if args.trained else "at initialisation"
     if args.tune_allocator:  # inherited by every cell's process, whichever tool it runs
-        from hesd._allocator import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
+        from hesd.allocator import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
 
         os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD),
                           MALLOC_TOP_PAD_=str(TOP_PAD))  # fmt: skip

@@ -25,7 +25,7 @@ from torch import nn
 
 import hesd
 from hesd.models import DigitsMLP, load_digits_tensors, resnet20
-from hesd.operators._batchnorm import has_running_stat_batchnorm
+from hesd.operators.batchnorm import has_running_stat_batchnorm
 
 METHODS = ("graph", "double_backward", "func", "auto")
 

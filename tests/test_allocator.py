@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import hesd
-from hesd import _allocator
+from hesd import allocator as _allocator
 from hesd.interfaces.cli import app
 
 

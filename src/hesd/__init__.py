@@ -5,9 +5,9 @@ Layers: :mod:`hesd.operators` (Hessian-vector products) → :mod:`hesd.algorithm
 checkpoint series and selection) → :mod:`hesd.interfaces` (CLI, report, callbacks).
 """
 
-from ._allocator import tune_cpu_allocator
 from ._version import __version__
 from .algorithms import EigenResult, Spectrum, TraceResult, eigenvalues, lanczos, power_iteration, slq, trace
+from .allocator import tune_cpu_allocator
 from .analysis import (
     AnalysisSettings,
     BestHeldout,
@@ -21,9 +21,21 @@ from .analysis import (
     analyze_model,
     criteria,
 )
-from .errors import CheckpointError, HesdError, InsecureCheckpointError, NonDeterministicError, NonFiniteLossError
+from .errors import (
+    CheckpointError,
+    HesdError,
+    HesdFileNotFoundError,
+    HesdPermissionError,
+    HesdTypeError,
+    HesdValueError,
+    InsecureCheckpointError,
+    NonDeterministicError,
+    NonFiniteError,
+    NonFiniteLossError,
+    UnsupportedModelError,
+)
 from .interfaces.monitor import Monitor
-from .operators import HessianOperator, LinearOperator, exact_hessian
+from .operators import HessianOperator, LinearOperator, ParameterLayout, exact_hessian
 
 
 def __getattr__(name: str):
@@ -42,21 +54,28 @@ __all__ = [
     "Criteria",
     "EigenResult",
     "HesdError",
+    "HesdFileNotFoundError",
     "HesdLightningCallback",
+    "HesdPermissionError",
     "HesdTrainerCallback",
+    "HesdTypeError",
+    "HesdValueError",
     "HessianOperator",
     "HighestCtAmongMP",
     "InsecureCheckpointError",
     "LinearOperator",
     "Monitor",
     "NonDeterministicError",
+    "NonFiniteError",
     "NonFiniteLossError",
+    "ParameterLayout",
     "QSRule",
     "Selection",
     "SeriesResult",
     "SmallestLambdaMax",
     "Spectrum",
     "TraceResult",
+    "UnsupportedModelError",
     "__version__",
     "analyze_checkpoints",
     "analyze_model",

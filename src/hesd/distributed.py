@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import HesdError
+from .collectives import DistributedError, agree, broadcast, consensus, rank_and_world, resolve_group
+from .errors import HesdTypeError
 
 __all__ = [
     "DistributedError",
@@ -42,89 +43,13 @@ __all__ = [
 ]
 
 
-class DistributedError(HesdError, RuntimeError):
-    """A rank failed; raised on every rank so the job stops together."""
-
-
-def resolve_group(process_group: Any) -> Any:
-    """``True`` → the default group; ``None``/``False`` → no group; a group is returned as is."""
-    if process_group is None or process_group is False:
-        return None
-    if process_group is True:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "process_group=True needs torch.distributed to be initialised: call "
-                "torch.distributed.init_process_group(...) first (torchrun sets the environment)"
-            )
-        return dist.group.WORLD
-    return process_group
-
-
-def rank_and_world(group: Any = None) -> tuple[int, int]:
-    """``(rank, world_size)`` in ``group``; ``(0, 1)`` without distributed."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def agree(group: Any, error: BaseException | None, what: str) -> None:
-    """Collective: every rank reports whether ``what`` succeeded; if any failed, all raise.
-
-    Args:
-        group: the process group (``None``: re-raise ``error`` locally).
-        error: this rank's exception, or ``None``.
-        what: what was being done, for the message.
-    """
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    _, world = rank_and_world(group)
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    statuses: list[Any] = [None] * world
-    dist.all_gather_object(statuses, mine, group=group)
-    failed = [(r, m) for r, m in enumerate(statuses) if m is not None]
-    if failed:
-        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
-        err = DistributedError(f"{what} failed on {len(failed)} of {world} ranks ({detail}); every rank stops")
-        if error is not None and isinstance(error, HesdError):
-            err.__cause__ = error
-        raise err
-
-
-def consensus(group: Any, error: BaseException | None) -> str | None:
-    """Collective: ``None`` if every rank succeeded, else one message naming the failed ranks."""
-    if group is None:
-        return None if error is None else f"{type(error).__name__}: {error}"
-    _, world = rank_and_world(group)
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    statuses: list[Any] = [None] * world
-    dist.all_gather_object(statuses, mine, group=group)
-    failed = [(r, m) for r, m in enumerate(statuses) if m is not None]
-    if not failed:
-        return None
-    if len(failed) == world and len({m for _, m in failed}) == 1:
-        return failed[0][1]
-    return "; ".join(f"rank {r}: {m}" for r, m in failed)
-
-
-def broadcast(obj: Any, group: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (identity without a group)."""
-    if group is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not dist.group.WORLD else src,
-                               group=group)  # fmt: skip
-    return box[0]
-
-
 def shard(data: Iterable, rank: int | None = None, world: int | None = None, group: Any = None) -> list:
     """Batches ``i`` with ``i % world == rank`` (round-robin by batch; shards may differ in size).
 
     A one-batch data set is split by samples instead. With ``rank``/``world`` unset they
     come from ``group`` (or the default group).
     """
-    from .operators._data import is_single_batch
+    from .operators.data import is_single_batch
 
     if rank is None or world is None:
         g = (
@@ -139,7 +64,7 @@ def shard(data: Iterable, rank: int | None = None, world: int | None = None, gro
         idx = torch.arange(rank, n, world)
         pick = (lambda t: t[idx]) if isinstance(X, torch.Tensor) else None
         if pick is None:
-            raise TypeError("shard: a single batch must hold tensors to be split by samples")
+            raise HesdTypeError("shard: a single batch must hold tensors to be split by samples")
         return [(pick(X), y[idx])]
     return [b for i, b in enumerate(data) if i % world == rank]
 
@@ -157,11 +82,11 @@ def slq_probe_parallel(A: Any, num_steps: int, num_probes: int, *, group: Any = 
     rank ``p % world``; its probe vector is the one :func:`hesd.slq` would use for ``p``,
     so the result equals the single-process ``slq`` exactly.
     """
-    from .algorithms._common import rademacher
     from .algorithms.lanczos import lanczos
+    from .algorithms.probes import rademacher
     from .algorithms.slq import ritz_from_tridiagonal
     from .algorithms.spectrum import Spectrum
-    from .operators._base import as_operator
+    from .operators.linear import as_operator
 
     group = resolve_group(group)
     rank, world = rank_and_world(group)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .errors import HesdValueError
+
 __all__ = ["TrainConfig", "evaluate", "make_optimizer", "train_with_checkpoints"]
 
 
@@ -65,7 +67,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
                 "make_optimizer: 'adahessian' needs the pytorch-optimizer package: pip install pytorch-optimizer"
             ) from exc
         return AdaHessian(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"make_optimizer: unknown optimizer {name!r}; use sgd, momentum, adam, adamw or adahessian")
+    raise HesdValueError(f"make_optimizer: unknown optimizer {name!r}; use sgd, momentum, adam, adamw or adahessian")
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from torch import nn
 
 import hesd
 from helpers import BNCNN
-from hesd.operators._batchnorm import AffineEvalBatchNorm, has_running_stat_batchnorm
+from hesd.operators.batchnorm import AffineEvalBatchNorm, has_running_stat_batchnorm
 
 CE = nn.functional.cross_entropy
 METHODS = ("auto", "graph", "double_backward", "func")
@@ -87,7 +87,7 @@ def test_affine_form_matches_pytorch_kernel_dense_hessian(name, method):
     model, batches = _case(name, seed=len(name) + len(method))
     H = hesd.exact_hessian(model, CE, batches)  # PyTorch's own batch_norm (eval_batchnorm="native")
     op = hesd.HessianOperator(model, CE, batches, hvp_method=method, batch_columns=3)
-    assert op.eval_batchnorm == "affine" and op._affine_bn
+    assert op.eval_batchnorm == "affine" and op.forward.affine_batchnorm
     V = torch.randn(H.shape[0], 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert (op @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max())), (name, method)
     assert (op @ V[:, 0] - H @ V[:, 0]).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
@@ -102,8 +102,8 @@ def test_kept_graph_has_no_batchnorm_node_in_affine_form_only():
     native = hesd.HessianOperator(model, CE, batches, hvp_method="graph", eval_batchnorm="native")
     affine.prepare()
     native.prepare()
-    names_affine = _graph_node_names(affine._cache[0][1])
-    names_native = _graph_node_names(native._cache[0][1])
+    names_affine = _graph_node_names(affine.state.kept[0].flat)
+    names_native = _graph_node_names(native.state.kept[0].flat)
     assert any("NativeBatchNorm" in n for n in names_native)
     assert not any("BatchNorm" in n for n in names_affine)
 
@@ -116,7 +116,7 @@ def test_batch_statistics_and_train_mode_are_left_to_pytorch():
     g = torch.Generator().manual_seed(3)
     X, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
     op = hesd.HessianOperator(model, CE, (X, y))
-    assert not op._affine_bn
+    assert not op.forward.affine_batchnorm
     H = hesd.exact_hessian(model, CE, (X, y))
     v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
     assert (op @ v - H @ v).abs().max() < 1e-10
@@ -127,7 +127,7 @@ def test_batch_statistics_and_train_mode_are_left_to_pytorch():
     assert torch.equal(out, nn.functional.batch_norm(x, None, None, training=True))
     # model_mode="train" uses batch statistics: no interception.
     model2, batches = _case("bn2d")
-    assert not hesd.HessianOperator(model2, CE, batches, model_mode="train")._affine_bn
+    assert not hesd.HessianOperator(model2, CE, batches, model_mode="train").forward.affine_batchnorm
 
 
 def test_mixed_dtypes_fall_through_to_pytorch():

@@ -10,7 +10,6 @@ from torch import nn
 import hesd
 from helpers import make_case
 from hesd.errors import NonDeterministicError, NonFiniteLossError
-from hesd.operators import hessian as hessian_module
 
 CE = nn.functional.cross_entropy
 METHODS = ["auto", "graph", "double_backward", "func"]
@@ -375,31 +374,6 @@ def test_bfloat16_autocast_error_against_float64():
     assert mixed.dtype == torch.float32
 
 
-@pytest.mark.parametrize("min_seconds", [0.0, 10.0])  # always try vmap; never (a limit no machine reaches)
-def test_auto_chooses_a_block_method_by_timing_and_stays_exact(min_seconds, monkeypatch):
-    import hesd.operators.hessian as hessian_module
-
-    monkeypatch.setattr(hessian_module, "_TUNE_MIN_SECONDS", min_seconds)
-    model, batches, _ = make_case("cnn", seed=9)
-    H = hesd.exact_hessian(model, CE, batches)
-    op = hesd.HessianOperator(model, CE, batches, batch_columns=3)
-    assert op.block_method is None
-    V = torch.randn(H.shape[0], 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    first = op @ V  # the first block is timed both ways, unless the batched backward is fast already
-    if min_seconds == 0:
-        assert op.block_method in ("graph", "func") and set(op.block_timings) == {"graph", "func"}
-    else:  # the batched backward is under the limit, so vmap is not tried
-        assert op.block_method == "graph" and set(op.block_timings) == {"graph"}
-    second = op @ V  # later blocks use the chosen method
-    for HV in (first, second):
-        assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-    assert op.num_matvecs == 10
-    single = hesd.HessianOperator(model, CE, batches, batch_columns=1)
-    single @ V
-    assert single.block_method is None  # one column per pass: nothing to choose
-    assert hesd.HessianOperator(model, CE, batches, hvp_method="func").block_method == "func"
-
-
 @pytest.mark.parametrize("allow_tf32", [False, True])
 def test_tf32_is_off_inside_products_and_settings_are_restored(allow_tf32):
     """Products run at full float32 precision unless allowed; the user's settings come back."""
@@ -427,111 +401,3 @@ def test_tf32_is_off_inside_products_and_settings_are_restored(allow_tf32):
         assert torch.backends.cudnn.allow_tf32 == before[0]
     finally:
         torch.set_float32_matmul_precision(before[1])
-
-
-def test_cpu_block_width_is_chosen_over_the_first_calls_and_stays_exact(monkeypatch):
-    model, batches, _ = make_case("mlp", seed=11)
-    H = hesd.exact_hessian(model, CE, batches)
-    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)  # not what this test checks
-    op = hesd.HessianOperator(model, CE, batches)
-    assert op.batch_columns == 1 and op.column_timings == {} and op.default_lockstep == 1
-    V = torch.randn(H.shape[0], 36, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    op @ V[:, 0]  # one column: nothing to decide
-    assert op.column_timings == {}
-    tol = 1e-10 * max(1.0, float(H.abs().max()))
-    # Calls of 8 columns, as hesd.trace makes them: 8 single, a warm-up block, two timed blocks.
-    for start, timings in zip(range(0, 36, 8), [{"single"}] * 3 + [{"single", "block"}] * 2, strict=True):
-        HV = op @ V[:, start : start + 8]
-        assert (HV - H @ V[:, start : start + 8]).abs().max() < tol
-        assert set(op.column_timings) == timings
-    gain = hessian_module._TUNE_COLUMNS_GAIN
-    assert op.batch_columns == (8 if op.column_timings["block"] <= gain * op.column_timings["single"] else 1)
-    assert op.num_matvecs == 37  # every trial product is a real one
-    assert (op @ V - H @ V).abs().max() < tol
-    assert op.default_lockstep == 1  # SLQ's default does not follow the choice
-    assert hesd.slq(op, 5, 2, seed=0).info["lockstep"] == 1
-    # Calls that never hold 8 columns (lockstep SLQ with 3 probes) decide too.
-    narrow = hesd.HessianOperator(model, CE, batches)
-    res = hesd.slq(narrow, 8, 3, seed=0, lockstep=3)
-    assert set(narrow.column_timings) == {"single", "block"} and narrow.batch_columns in (1, 8)
-    ref = hesd.slq(H, 8, 3, seed=0)
-    for got, want in zip(res.values, ref.values, strict=True):
-        assert np.allclose(got, want, atol=1e-9)
-
-
-def _simulated_costs(monkeypatch, seconds) -> list[int]:
-    """Products timed by a cost model instead of the clock: a product of ``k`` columns "takes"
-    ``seconds(k)`` (``HessianOperator._timed``), so the block-width decision is deterministic.
-    Returns the list each pass over the data (``_matmat_graph``) appends its width to."""
-    widths: list[int] = []
-    orig = hesd.HessianOperator._matmat_graph
-
-    def recorded_pass(self, V):
-        widths.append(V.shape[1])
-        return orig(self, V)
-
-    monkeypatch.setattr(hesd.HessianOperator, "_matmat_graph", recorded_pass)
-    monkeypatch.setattr(hesd.HessianOperator, "_timed", lambda self, fn, V: (fn(V), seconds(V.shape[1])))
-    return widths
-
-
-def test_cpu_block_width_keeps_blocks_when_they_are_cheaper(monkeypatch):
-    """A fixed cost per pass (4 ms, as Python and per-batch overhead are for a small model) makes a
-    block of 8 cheaper per product than 8 single passes: blocks are kept and used after. The
-    cost is simulated: with a 4 ms sleep instead, a stalled batched backward on a busy machine
-    outweighed it (2 failures in 12 runs beside a busy matrix product)."""
-    model, batches, _ = make_case("mlp", seed=12)
-    H = hesd.exact_hessian(model, CE, batches)
-    op = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
-    widths = _simulated_costs(monkeypatch, lambda k: 0.004)
-    # hvp_method="graph": with "auto" a first block over 50 ms would also time vmap against the
-    # graph, adding passes to ``widths``. The 5 ms limit is not what this test checks: lifted.
-    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
-    tol = 1e-10 * max(1.0, float(H.abs().max()))
-    V = torch.randn(H.shape[0], 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    HV = op @ V
-    # 8 single, a warm-up block, then the last 4 columns in the first timed block: undecided.
-    assert widths == [1] * 8 + [8, 4] and op.batch_columns == 8 and set(op.column_timings) == {"single"}
-    assert (HV - H @ V).abs().max() < tol
-    widths.clear()
-    HV = op @ V  # the second timed block decides; the other 12 columns go in one pass with the choice
-    assert widths == [8, 12]
-    assert op.batch_columns == 8 and op.column_timings["block"] < 0.8 * op.column_timings["single"]
-    assert (HV - H @ V).abs().max() < tol
-    assert op.num_matvecs == 40
-    # One call of 41 columns holds the whole trial; the 9 columns after it go in one pass.
-    widths.clear()
-    wide = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
-    V = torch.randn(H.shape[0], 41, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    HV = wide @ V
-    assert wide.batch_columns == 8 and widths == [1] * 8 + [8, 8, 8, 9]
-    assert (HV - H @ V).abs().max() < tol and wide.num_matvecs == 41
-
-
-def test_cpu_block_width_gives_up_blocks_that_do_not_pay(monkeypatch):
-    """A fixed cost per column (each column 4 ms, in or out of a block): blocks are no cheaper,
-    so after the trial every later product runs one column per pass. The cost is simulated: with
-    a 4 ms sleep per column instead, sleeps that overran on a busy machine made a single column
-    look 20 % dearer than a block's column once, in a clean-clone CI run."""
-    model, batches, _ = make_case("mlp", seed=14)
-    H = hesd.exact_hessian(model, CE, batches)
-    op = hesd.HessianOperator(model, CE, batches, hvp_method="graph")
-    widths = _simulated_costs(monkeypatch, lambda k: 0.004 * k)
-    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 1.0)
-    V = torch.randn(H.shape[0], 34, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    HV = op @ V
-    assert widths == [1] * 8 + [8, 8, 8] + [2] and op.batch_columns == 1  # the last 2 in single passes
-    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-
-
-def test_cpu_block_width_is_not_tried_for_expensive_products_or_a_given_width(monkeypatch):
-    model, batches, _ = make_case("cnn", seed=13)
-    H = hesd.exact_hessian(model, CE, batches)
-    V = torch.randn(H.shape[0], 9, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    monkeypatch.setattr(hessian_module, "_TUNE_COLUMNS_MAX_SECONDS", 0.0)  # every product counts as expensive
-    op = hesd.HessianOperator(model, CE, batches)
-    assert (op @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-    assert op.batch_columns == 1 and set(op.column_timings) == {"single"}
-    given = hesd.HessianOperator(model, CE, batches, batch_columns=1)
-    assert (given @ V - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
-    assert given.column_timings == {} and given.batch_columns == 1

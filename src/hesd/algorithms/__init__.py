@@ -1,8 +1,9 @@
 """Model-free spectral algorithms; each accepts a hesd operator, a tensor or a SciPy operator."""
 
-from ._common import EigenResult, TraceResult
-from .lanczos import LanczosResult, eigenvalues, lanczos, lanczos_lockstep
+from .eigen import eigenvalues
+from .lanczos import LanczosResult, lanczos, lanczos_lockstep
 from .power import power_iteration
+from .results import EigenResult, TraceResult
 from .slq import ritz_from_tridiagonal, slq
 from .spectrum import Spectrum
 from .trace import trace

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
-from ..operators._base import as_operator
-from ._common import EigenResult, check_positive_int, gaussian
+from ..checks import check_positive_int
+from ..errors import HesdValueError
+from ..operators.linear import as_operator
+from .probes import gaussian
+from .results import EigenResult
 
 __all__ = ["power_iteration"]
 
@@ -56,7 +59,7 @@ def power_iteration(
     check_positive_int(k, "k", caller)
     check_positive_int(max_iter, "max_iter", caller)
     if k > n:
-        raise ValueError(f"{caller}: k={k} is larger than the operator's dimension {n}")
+        raise HesdValueError(f"{caller}: k={k} is larger than the operator's dimension {n}")
     vecs: list[torch.Tensor] = []
     vals, res = [], []
     all_conv = True

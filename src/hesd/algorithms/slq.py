@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from ..operators._base import as_operator
-from ._common import check_positive_int, rademacher
+from ..checks import check_positive_int
+from ..errors import HesdValueError
+from ..operators.linear import as_operator
 from .lanczos import lanczos_lockstep
+from .probes import rademacher
 from .spectrum import Spectrum
 
 __all__ = ["plan_basis", "ritz_from_tridiagonal", "slq"]
@@ -76,7 +78,7 @@ class _ConvergenceStop:
 
     def __init__(self, tol: float, every: int, min_steps: int, quantities=None) -> None:
         if not tol > 0:
-            raise ValueError(f"slq: stop_tol must be positive, got {tol}")
+            raise HesdValueError(f"slq: stop_tol must be positive, got {tol}")
         self.tol, self.every, self.min_steps = tol, max(1, every), max(2, min_steps)
         self.quantities = quantities or _extremes
         self.prev: np.ndarray | None = None

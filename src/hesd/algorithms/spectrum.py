@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import HesdValueError
+
 __all__ = ["Spectrum"]
 
 
@@ -69,7 +71,7 @@ class Spectrum:
         if vals and np.ndim(vals[0]) == 0:
             vals, wts = [vals], [wts]
         if len(vals) != len(wts) or not vals:
-            raise ValueError(
+            raise HesdValueError(
                 f"Spectrum.from_ritz: got {len(vals)} probes of values and {len(wts)} of weights; "
                 "pass one matching list per probe"
             )
@@ -78,9 +80,9 @@ class Spectrum:
             v = np.asarray(v, dtype=np.float64).reshape(-1)
             w = np.asarray(w, dtype=np.float64).reshape(-1)
             if v.shape != w.shape or v.size == 0:
-                raise ValueError(f"Spectrum.from_ritz: probe {i} has {v.size} values and {w.size} weights")
+                raise HesdValueError(f"Spectrum.from_ritz: probe {i} has {v.size} values and {w.size} weights")
             if not (np.isfinite(v).all() and np.isfinite(w).all()) or (w < 0).any():
-                raise ValueError(f"Spectrum.from_ritz: probe {i} has non-finite values or negative weights")
+                raise HesdValueError(f"Spectrum.from_ritz: probe {i} has non-finite values or negative weights")
             order = np.argsort(v)
             out_v.append(v[order])
             out_w.append(w[order])
@@ -112,7 +114,7 @@ class Spectrum:
     def trace(self) -> float:
         """SLQ trace estimate :math:`n \\cdot \\mathbb{E}[\\sum_i w_i \\theta_i]` (needs ``dim``)."""
         if self.dim is None:
-            raise ValueError("Spectrum.trace: the dimension is unknown; pass dim= to Spectrum.from_ritz")
+            raise HesdValueError("Spectrum.trace: the dimension is unknown; pass dim= to Spectrum.from_ritz")
         return self.dim * self.moment(1)
 
     def default_sigma(self) -> float:
@@ -140,7 +142,7 @@ class Spectrum:
         t = self.grid() if grid is None else np.asarray(grid, dtype=np.float64)
         s = self.default_sigma() if sigma is None else float(sigma)
         if not s > 0:
-            raise ValueError(f"Spectrum.density: sigma must be positive, got {sigma}")
+            raise HesdValueError(f"Spectrum.density: sigma must be positive, got {sigma}")
         dens = np.zeros_like(t)
         norm = 1.0 / (s * np.sqrt(2 * np.pi) * self.num_probes)
         for v, w in zip(self.values, self.weights, strict=True):

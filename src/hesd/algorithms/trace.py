@@ -26,8 +26,11 @@ from typing import Any
 
 import torch
 
-from ..operators._base import as_operator
-from ._common import TraceResult, check_positive_int, rademacher
+from ..checks import check_positive_int
+from ..errors import HesdValueError
+from ..operators.linear import as_operator
+from .probes import rademacher
+from .results import TraceResult
 
 __all__ = ["trace"]
 
@@ -101,9 +104,9 @@ def trace(
     if method == "hutchinson":
         return _hutchinson(op, num_matvecs, seed, 0, chunk, num_matvecs)
     if method not in ("hutchpp", "auto"):
-        raise ValueError(f"{caller}: method must be 'hutchinson', 'hutchpp' or 'auto', got {method!r}")
+        raise HesdValueError(f"{caller}: method must be 'hutchinson', 'hutchpp' or 'auto', got {method!r}")
     if num_matvecs < 3:
-        raise ValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
+        raise HesdValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
     S = rademacher(n, s, seed, dt, dev)

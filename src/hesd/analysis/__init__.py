@@ -3,6 +3,9 @@
 from .blocks import analyze_blocks, default_blocks
 from .checkpoints import apply_state_dict, discover_checkpoints, load_state_dict, parse_epoch, sha256_file
 from .criteria import Criteria, compare_criteria, criteria, per_probe_criteria, zero_mass
+from .model import analyze_model, select_params
+from .recorder import SeriesRecorder
+from .rows import COLUMNS, VIEWS, Column, RowIdentity, build_table, records
 from .selection import (
     BestHeldout,
     HighestCtAmongMP,
@@ -13,18 +16,25 @@ from .selection import (
     default_rules,
     select_all,
 )
-from .series import AnalysisSettings, SeriesResult, analyze_checkpoints, analyze_model, build_table
+from .series import CheckpointJob, SeriesResult, analyze_checkpoints
+from .settings import AnalysisSettings
 from .store import ResultStore, SettingsMismatchError
 
 __all__ = [
+    "COLUMNS",
+    "VIEWS",
     "AnalysisSettings",
     "BestHeldout",
+    "CheckpointJob",
+    "Column",
     "Criteria",
     "HighestCtAmongMP",
     "QSRule",
     "ResultStore",
+    "RowIdentity",
     "Selection",
     "SelectionRule",
+    "SeriesRecorder",
     "SeriesResult",
     "SettingsMismatchError",
     "SmallestLambdaMax",
@@ -41,7 +51,9 @@ __all__ = [
     "load_state_dict",
     "parse_epoch",
     "per_probe_criteria",
+    "records",
     "select_all",
+    "select_params",
     "sha256_file",
     "zero_mass",
 ]

@@ -8,7 +8,9 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from .series import AnalysisSettings, analyze_model
+from .model import analyze_model
+from .rows import VIEWS
+from .settings import AnalysisSettings
 
 __all__ = ["analyze_blocks", "default_blocks"]
 
@@ -56,6 +58,5 @@ def analyze_blocks(
     for name, patterns in (blocks or default_blocks(model)).items():
         s = AnalysisSettings(**{**base.to_dict(), "params": list(patterns)})
         row, _ = analyze_model(model, data, loss_fn=loss_fn, settings=s)
-        rows.append({"block": name, "num_params": row["num_params"], **{k: row[k] for k in (
-            "lambda_min", "lambda_max", "re", "kh05", "ct", "hesd_type")}})  # fmt: skip
+        rows.append({"block": name, "num_params": row["num_params"], **{k: row[k] for k in VIEWS["blocks"]}})
     return pd.DataFrame(rows)

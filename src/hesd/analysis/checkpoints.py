@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, InsecureCheckpointError
+from ..errors import CheckpointError, HesdFileNotFoundError, HesdValueError, InsecureCheckpointError
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -87,7 +87,7 @@ def discover_checkpoints(
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
             if not files:
-                raise FileNotFoundError(
+                raise HesdFileNotFoundError(
                     f"discover_checkpoints: folder {p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})"
                 )
             found.extend(files)
@@ -97,13 +97,13 @@ def discover_checkpoints(
             matches = sorted(Path(m) for m in glob.glob(str(src)))
             matches = [m for m in matches if m.is_file()]
             if not matches:
-                raise FileNotFoundError(f"discover_checkpoints: {src} is not a file or folder and matches nothing")
+                raise HesdFileNotFoundError(f"discover_checkpoints: {src} is not a file or folder and matches nothing")
             found.extend(matches)
     unique = list(dict.fromkeys(f.resolve() for f in found))
     if epochs is not None:
         epochs = list(epochs)
         if len(epochs) != len(unique):
-            raise ValueError(f"discover_checkpoints: {len(epochs)} epochs given for {len(unique)} checkpoints")
+            raise HesdValueError(f"discover_checkpoints: {len(epochs)} epochs given for {len(unique)} checkpoints")
         return [CheckpointInfo(p, int(e)) for p, e in zip(unique, epochs, strict=True)]
     infos = [CheckpointInfo(p, parse_epoch(p.name)) for p in unique]
     return sorted(infos, key=lambda c: (c.epoch is None, c.epoch if c.epoch is not None else 0, c.name))

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..algorithms.spectrum import Spectrum
+from ..errors import HesdTypeError, HesdValueError
 
 __all__ = [
     "Criteria",
@@ -181,15 +182,15 @@ def criteria(
     """
     caller = "criteria"
     if not isinstance(spectrum, Spectrum):
-        raise TypeError(f"{caller}: expected a hesd.Spectrum, got {type(spectrum).__name__}")
+        raise HesdTypeError(f"{caller}: expected a hesd.Spectrum, got {type(spectrum).__name__}")
     if not (isinstance(n, (int, float)) and n > 0):
-        raise ValueError(f"{caller}: n must be positive (the paper recommends 0 < n < 1), got {n}")
+        raise HesdValueError(f"{caller}: n must be positive (the paper recommends 0 < n < 1), got {n}")
     if aggregate not in ("mean", "pooled"):
-        raise ValueError(f"{caller}: aggregate must be 'mean' or 'pooled', got {aggregate!r}")
+        raise HesdValueError(f"{caller}: aggregate must be 'mean' or 'pooled', got {aggregate!r}")
     if not zero_band > 0:
-        raise ValueError(f"{caller}: zero_band must be positive, got {zero_band}")
+        raise HesdValueError(f"{caller}: zero_band must be positive, got {zero_band}")
     if lr is not None and not lr > 0:
-        raise ValueError(f"{caller}: lr must be positive, got {lr}")
+        raise HesdValueError(f"{caller}: lr must be positive, got {lr}")
     rows = [per_probe_criteria(v, w, n) for v, w in zip(spectrum.values, spectrum.weights, strict=True)]
     kh05 = [per_probe_criteria(v, w, 0.5)[1] for v, w in zip(spectrum.values, spectrum.weights, strict=True)]
     re_s, kh_s, ct_s = (np.array(c) for c in zip(*rows, strict=True))

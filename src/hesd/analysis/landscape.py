@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ..algorithms.lanczos import eigenvalues
-from ..operators._data import as_reiterable, batch_size, split_batch, to_device
-from ..operators.hessian import HessianOperator, model_state
+from ..algorithms.eigen import eigenvalues
+from ..operators import HessianOperator, model_state
+from ..operators.data import as_reiterable, batch_size, call_model, split_batch, to_device
 
 __all__ = ["filter_normalized_direction", "loss_landscape"]
 
@@ -52,8 +51,7 @@ def _mean_loss(model, params, data, loss_fn, device, dtype) -> float:
         X, y = split_batch(batch, "loss_landscape")
         X, y = to_device(X, device, dtype), to_device(y, device, dtype)
         n = batch_size(X, y)
-        args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
-        out = functional_call(model, params, args) if not isinstance(X, dict) else functional_call(model, params, (), X)
+        out = call_model(model, X, params)
         total += float(loss_fn(out, y)) * n
         n_all += n
     return total / n_all
@@ -90,10 +88,10 @@ def loss_landscape(
     op = HessianOperator(model, loss_fn, data, model_mode=model_mode)
     top = eigenvalues(op, k=2, which="LA", tol=1e-4, seed=seed, return_eigenvectors=True, warn=False)
     lam = [float(v) for v in top.eigenvalues]
-    names = op.param_names
-    base = {n: p.detach() for n, p in zip(names, op._params, strict=True)}
-    vecs = [op._unflatten(top.eigenvectors[:, i]) for i in range(2)]
-    eig_dirs = [dict(zip(names, v, strict=True)) for v in vecs]
+    layout = op.layout
+    names = layout.names
+    base = layout.values()
+    eig_dirs = [layout.as_dict(layout.unflatten(top.eigenvectors[:, i])) for i in range(2)]
     rand_dirs = [filter_normalized_direction(base, seed + 1 + i) for i in range(2)]
     data = as_reiterable(data, "loss_landscape")
     t_max = math.sqrt(2 * delta / lam[0]) if lam[0] > 0 else 1.0

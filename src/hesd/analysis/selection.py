@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..algorithms.spectrum import Spectrum
+from ..errors import HesdTypeError, HesdValueError
 from .criteria import zero_mass
 
 __all__ = [
@@ -57,7 +58,7 @@ class QSRule:
         for name in ("lambda_frac", "width_frac", "mass_level", "band_frac"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
-                raise ValueError(f"QSRule: {name} must be in (0, 1], got {v!r}")
+                raise HesdValueError(f"QSRule: {name} must be in (0, 1], got {v!r}")
 
     def apply(
         self, lambda_max: Sequence[float], width: Sequence[float], spectra: Sequence[Spectrum]
@@ -104,7 +105,7 @@ class SelectionRule:
 
     def __init__(self, skip_initial: bool = True) -> None:
         if not isinstance(skip_initial, bool):
-            raise TypeError(f"{type(self).__name__}: skip_initial must be a bool")
+            raise HesdTypeError(f"{type(self).__name__}: skip_initial must be a bool")
         self.skip_initial = skip_initial
 
     def candidates(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +141,7 @@ class HighestCtAmongMP(SelectionRule):
     def __init__(self, ct_threshold: float = -0.6, exclude_qs: bool = False, skip_initial: bool = True) -> None:
         super().__init__(skip_initial)
         if not (isinstance(ct_threshold, (int, float)) and -math.inf < ct_threshold <= 0):
-            raise ValueError(f"HighestCtAmongMP: ct_threshold must be a number ≤ 0, got {ct_threshold!r}")
+            raise HesdValueError(f"HighestCtAmongMP: ct_threshold must be a number ≤ 0, got {ct_threshold!r}")
         self.ct_threshold = float(ct_threshold)
         self.exclude_qs = exclude_qs
 
@@ -185,7 +186,7 @@ class BestHeldout(SelectionRule):
     def __init__(self, metric: str = "heldout_accuracy", mode: str = "max", skip_initial: bool = True) -> None:
         super().__init__(skip_initial)
         if mode not in ("max", "min"):
-            raise ValueError(f"BestHeldout: mode must be 'max' or 'min', got {mode!r}")
+            raise HesdValueError(f"BestHeldout: mode must be 'max' or 'min', got {mode!r}")
         self.metric, self.mode = metric, mode
 
     def select(self, table: pd.DataFrame) -> Selection:

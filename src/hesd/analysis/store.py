@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import HesdError
+from ..errors import HesdError, HesdFileNotFoundError, HesdPermissionError
 
 __all__ = ["ResultStore", "SettingsMismatchError", "atomic_write_bytes", "atomic_write_text"]
 
@@ -106,11 +106,13 @@ class ResultStore:
         try:
             self.rows_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PermissionError(
+            raise HesdPermissionError(
                 f"ResultStore: cannot create the results folder {self.root} ({exc.strerror}); choose a writable --out"
             ) from None
         if not os.access(self.root, os.W_OK):
-            raise PermissionError(f"ResultStore: the results folder {self.root} is not writable; choose another --out")
+            raise HesdPermissionError(
+                f"ResultStore: the results folder {self.root} is not writable; choose another --out"
+            )
         for stale in self.root.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
         for stale in self.rows_dir.glob(".*.tmp"):
@@ -151,7 +153,7 @@ class ResultStore:
         """Open a folder written earlier, with its own settings (for rebuilding reports)."""
         manifest = Path(root) / "manifest.json"
         if not manifest.exists():
-            raise FileNotFoundError(f"ResultStore: {root} holds no hesd results (no manifest.json)")
+            raise HesdFileNotFoundError(f"ResultStore: {root} holds no hesd results (no manifest.json)")
         return cls(root, json.loads(manifest.read_text())["settings"])
 
     @staticmethod

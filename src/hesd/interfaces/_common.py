@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 from ..analysis.checkpoints import apply_state_dict, load_state_dict
 from ..analysis.landscape import loss_landscape
 from ..analysis.store import ResultStore
-from ..errors import HesdError
+from ..errors import HesdValueError
 
 __all__ = ["BadInput", "Progress", "call_factory", "load_object", "store_landscape"]
 
 
-class BadInput(HesdError, ValueError):
+class BadInput(HesdValueError):
     """A user-facing input problem (exit code 2 on the command line)."""
 
 

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.series import AnalysisSettings
+from ..analysis.settings import AnalysisSettings
+from ..checks import is_int_at_least
+from ..errors import HesdValueError
 from .monitor import Monitor
 
 __all__ = ["HesdLightningCallback", "HesdTrainerCallback", "hf_logits_cross_entropy"]
@@ -41,8 +43,8 @@ def hf_logits_cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor
 
 class _MonitorMixin:
     def _init_monitor_args(self, data, out_dir, every_n_epochs, loss_fn, heldout, settings, tensorboard) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(
+        if not is_int_at_least(every_n_epochs, 1):
+            raise HesdValueError(
                 f"{type(self).__name__}: every_n_epochs must be a positive integer, got {every_n_epochs!r}"
             )
         self._args = dict(data=data, out_dir=out_dir, every=every_n_epochs, loss_fn=loss_fn, heldout=heldout,

@@ -7,23 +7,30 @@ an unwritable or mismatched output folder, a corrupt single checkpoint).
 
 from __future__ import annotations
 
-import atexit
-import json
-import math
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from .._version import __version__
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+from ..analysis.checkpoints import apply_state_dict, load_state_dict
+from ..analysis.model import analyze_model
+from ..analysis.rows import VIEWS
+from ..analysis.series import analyze_checkpoints
+from ..analysis.settings import AnalysisSettings, default_of
+from ..errors import HesdError
+from .cli_support import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    emit_json,
+    fail,
+    init_distributed,
+    parse_bytes,
+    pick,
+    print_summary,
+    read_config,
+    tune_allocator,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -47,42 +54,9 @@ def _root(
     ] = False,
 ) -> None:
     """Hessian eigenvalue spectral density (HESD) tools."""
-    _tune_allocator()
+    tune_allocator()
 
 
-def _tune_allocator() -> None:
-    """The command line owns its process, so it keeps glibc from returning memory to the OS
-    between Hessian-vector products (:func:`hesd.tune_cpu_allocator`: on the development machine
-    it cut a ResNet-20 top-5 run's system time from 4–6 s of page faults to under 1 s).
-    ``HESD_TUNE_ALLOCATOR=0`` leaves the allocator alone."""
-    import os
-
-    if os.environ.get("HESD_TUNE_ALLOCATOR", "1").strip().lower() not in ("0", "false", "no", "off"):
-        from .._allocator import tune_cpu_allocator
-
-        tune_cpu_allocator()
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def _emit_json(obj: Any) -> None:
-    typer.echo(json.dumps(_clean(obj), indent=1, default=str))
-
-
-# ------------------------------------------------------------------------------------------------ demo
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, results and the report.")] = Path(
@@ -100,28 +74,12 @@ def demo(
     try:
         result = run_demo(out, epochs=4 if quick else epochs, quick=quick, quiet=quiet or as_json)
     except PermissionError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
-        _emit_json(result)
+        emit_json(result)
 
 
 # ------------------------------------------------------------------------------------------------ analyze
-def _read_config(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        cfg = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        _fail(f"--config: {path} does not exist.")
-    except tomllib.TOMLDecodeError as exc:
-        _fail(f"--config: {path} is not valid TOML ({exc}). Fix the file.")
-    return cfg.get("hesd", cfg)
-
-
-def _pick(cli: Any, cfg: dict, key: str, default: Any) -> Any:
-    return cli if cli is not None else cfg.get(key, default)
-
-
 @app.command()
 def analyze(
     checkpoints: Annotated[
@@ -133,15 +91,25 @@ def analyze(
     loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN loss(outputs, targets); default CE.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results folder (resumable).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Lanczos steps per probe [80].")] = None,
-    probes: Annotated[int | None, typer.Option("--probes", help="SLQ probe vectors [3].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Probe seed, same at every checkpoint [0].")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help=f"Lanczos steps per probe [{default_of('num_steps')}].")
+    ] = None,
+    probes: Annotated[
+        int | None, typer.Option("--probes", help=f"SLQ probe vectors [{default_of('num_probes')}].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help=f"Probe seed, same at every checkpoint [{default_of('seed')}].")
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... [model's].")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 or float64 [model's].")] = None,
-    model_mode: Annotated[str | None, typer.Option("--model-mode", help="eval or train (BN stats) [eval].")] = None,
+    model_mode: Annotated[
+        str | None, typer.Option("--model-mode", help=f"eval or train (BN stats) [{default_of('model_mode')}].")
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Training learning rate, for η·λmax/2.")] = None,
-    ct_threshold: Annotated[float | None, typer.Option("--ct-threshold", help="MP if Ct > this [-0.6].")] = None,
-    n: Annotated[float | None, typer.Option("--n", help="Exponent of Khn [0.5].")] = None,
+    ct_threshold: Annotated[
+        float | None, typer.Option("--ct-threshold", help=f"MP if Ct > this [{default_of('ct_threshold')}].")
+    ] = None,
+    n: Annotated[float | None, typer.Option("--n", help=f"Exponent of Khn [{default_of('n')}].")] = None,
     heldout_criteria: Annotated[
         bool, typer.Option("--heldout-criteria", help="Also compute the criteria on held-out data.")
     ] = False,
@@ -175,36 +143,34 @@ def analyze(
     Re-running the same command after an interruption resumes where it stopped."""
     import torch
 
-    import hesd
+    from ._common import Progress, call_factory, load_object, store_landscape
 
-    from ._common import BadInput, Progress, call_factory, load_object, store_landscape
-
-    cfg = _read_config(config)
+    cfg = read_config(config)
     checkpoints = checkpoints or cfg.get("checkpoints")
-    model = _pick(model, cfg, "model", None)
-    data = _pick(data, cfg, "data", None)
-    out = Path(_pick(out, cfg, "out", "")) if _pick(out, cfg, "out", None) else None
+    model = pick(model, cfg, "model", None)
+    data = pick(data, cfg, "data", None)
+    out = Path(pick(out, cfg, "out", "")) if pick(out, cfg, "out", None) else None
     missing = [name for name, v in (("CHECKPOINT", checkpoints), ("--model", model), ("--data", data), ("--out", out))
                if not v]  # fmt: skip
     if missing:
-        _fail(f"missing {', '.join(missing)}. Example: hesd analyze runs/*.pt --model mypkg.models:make_model "
+        fail(f"missing {', '.join(missing)}. Example: hesd analyze runs/*.pt --model mypkg.models:make_model "
               "--data mypkg.data:train_batches --out results")  # fmt: skip
-    heldout = _pick(heldout, cfg, "heldout", None)
-    loss = _pick(loss, cfg, "loss", None)
+    heldout = pick(heldout, cfg, "heldout", None)
+    loss = pick(loss, cfg, "loss", None)
     try:
-        settings = hesd.AnalysisSettings(
-            num_steps=int(_pick(steps, cfg, "steps", 80)),
-            num_probes=int(_pick(probes, cfg, "probes", 3)),
-            seed=int(_pick(seed, cfg, "seed", 0)),
-            n=float(_pick(n, cfg, "n", 0.5)),
-            ct_threshold=float(_pick(ct_threshold, cfg, "ct_threshold", -0.6)),
-            model_mode=_pick(model_mode, cfg, "model_mode", "eval"),
-            lr=_pick(lr, cfg, "lr", None),
-            dtype=_pick(dtype, cfg, "dtype", None),
-            device=_pick(device, cfg, "device", None),
+        settings = AnalysisSettings(
+            num_steps=int(pick(steps, cfg, "steps", default_of("num_steps"))),
+            num_probes=int(pick(probes, cfg, "probes", default_of("num_probes"))),
+            seed=int(pick(seed, cfg, "seed", default_of("seed"))),
+            n=float(pick(n, cfg, "n", default_of("n"))),
+            ct_threshold=float(pick(ct_threshold, cfg, "ct_threshold", default_of("ct_threshold"))),
+            model_mode=pick(model_mode, cfg, "model_mode", default_of("model_mode")),
+            lr=pick(lr, cfg, "lr", default_of("lr")),
+            dtype=pick(dtype, cfg, "dtype", default_of("dtype")),
+            device=pick(device, cfg, "device", default_of("device")),
             heldout_criteria=heldout_criteria or bool(cfg.get("heldout_criteria", False)),
             params=params or cfg.get("params"),
-            max_memory=_parse_bytes(_pick(max_memory, cfg, "max_memory", None)),
+            max_memory=parse_bytes(pick(max_memory, cfg, "max_memory", None)),
         )
         model_factory = load_object(model, "--model")
         loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
@@ -214,23 +180,21 @@ def analyze(
         def make_model():
             return call_factory(model_factory, "--model", model)
 
-        group, rank = _init_distributed(distributed or bool(cfg.get("distributed", False)), settings.device)
+        group, rank = init_distributed(distributed or bool(cfg.get("distributed", False)), settings.device)
         if group is not None and parallel == "data" and not no_shard:
             from ..distributed import shard
 
             train_data = shard(train_data, group=group)
         quiet = quiet or rank != 0
         progress = Progress(quiet or as_json, settings.num_steps * settings.num_probes)
-        res = hesd.analyze_checkpoints(
+        res = analyze_checkpoints(
             make_model, checkpoints, train_data, loss_fn=loss_fn, heldout=held, out_dir=out, settings=settings,
             overwrite=overwrite or bool(cfg.get("overwrite", False)), trust_pickle=trust_pickle, progress=progress,
             process_group=group, parallel=parallel,
         )  # fmt: skip
         progress.close()
-    except (BadInput, FileNotFoundError, PermissionError, hesd.analysis.SettingsMismatchError) as exc:
-        _fail(str(exc))
-    except ValueError as exc:
-        _fail(str(exc))
+    except (HesdError, FileNotFoundError, PermissionError, ValueError) as exc:
+        fail(str(exc))
     ok = res.table["status"] == "ok"
     if rank != 0:  # only rank 0 writes the landscape and the report, and prints
         raise typer.Exit(EXIT_PARTIAL if res.failed else EXIT_OK)
@@ -244,10 +208,10 @@ def analyze(
 
         report_path = build_report(out)
     if as_json:
-        _emit_json({"results": res.table.drop(columns=["qs_reason"], errors="ignore").to_dict(orient="records"),
+        emit_json({"results": res.table.drop(columns=["qs_reason"], errors="ignore").to_dict(orient="records"),
                     "selections": res.selections, "report": str(report_path) if report_path else None})  # fmt: skip
     elif not quiet:
-        _print_summary(res.table, res.selections)
+        print_summary(res.table, res.selections)
         typer.echo(f"\nresults: {out / 'results.csv'}" + (f"\nreport:  {report_path}" if report_path else ""))
     if res.failed:
         for ckpt, err in res.failed:
@@ -255,71 +219,18 @@ def analyze(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _parse_bytes(text: Any) -> int | None:
-    if text is None or isinstance(text, int):
-        return text
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
-    except ValueError:
-        _fail(f"--max-memory: cannot read {text!r}; use bytes or a suffix, e.g. 2G or 500M")
-    return None
-
-
-def _init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
-    """Join the torchrun job (gloo on CPU, NCCL on CUDA); returns (group, rank)."""
-    if not enabled:
-        return None, 0
-    import os
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            _fail(
-                "--distributed needs a torchrun launch, e.g. torchrun --nproc_per_node=2 --no-python hesd analyze ..."
-            )
-        backend = "nccl" if device and device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        # Tear the group down before the interpreter exits: without it gloo's threads can be
-        # destroyed mid-flight ("terminate called without an active exception"), seen once in
-        # tests/test_distributed.py::test_cli_under_torchrun.
-        atexit.register(_destroy_group)
-    return dist.group.WORLD, dist.get_rank()
-
-
-def _destroy_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # no barrier: a rank that failed must not keep the others waiting
-        dist.destroy_process_group()
-
-
-def _print_summary(table, selections) -> None:
-    cols = [c for c in ("epoch", "lambda_min", "lambda_max", "trace", "re", "kh05", "ct", "hesd_type", "qs_flag",
-                        "heldout_accuracy", "status") if c in table]  # fmt: skip
-    typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for rule, sel in selections.items():
-        pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"
-        typer.echo(f"{rule}: {pick} — {sel['reason']}")
-
-
-# ------------------------------------------------------------------------------------------------ spectrum
 @app.command()
 def spectrum(
     checkpoint: Annotated[Path, typer.Argument(help="One checkpoint file.")],
     model: Annotated[str, typer.Option("--model", help="MODULE:FACTORY returning the nn.Module.")],
     data: Annotated[str, typer.Option("--data", help="MODULE:FACTORY returning training batches.")],
     loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN; default cross-entropy.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Lanczos steps per probe.")] = 80,
-    probes: Annotated[int, typer.Option("--probes", help="SLQ probe vectors.")] = 3,
-    seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
-    ct_threshold: Annotated[float, typer.Option("--ct-threshold", help="MP if Ct > this.")] = -0.6,
+    steps: Annotated[int, typer.Option("--steps", help="Lanczos steps per probe.")] = default_of("num_steps"),
+    probes: Annotated[int, typer.Option("--probes", help="SLQ probe vectors.")] = default_of("num_probes"),
+    seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = default_of("seed"),
+    ct_threshold: Annotated[float, typer.Option("--ct-threshold", help="MP if Ct > this.")] = default_of(
+        "ct_threshold"
+    ),
     device: Annotated[str | None, typer.Option("--device", help="Device to run on.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG/PDF).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE).")] = False,
@@ -332,9 +243,7 @@ def spectrum(
     """One checkpoint: print its HESD summary (λmin, λmax, trace, re, KH05, Ct) and type."""
     import torch
 
-    import hesd
-
-    from ._common import BadInput, call_factory, load_object
+    from ._common import call_factory, load_object
     from .demo import text_histogram
 
     try:
@@ -342,21 +251,20 @@ def spectrum(
         net = call_factory(factory, "--model", model)
         if device:
             net = net.to(device)
-        hesd.analysis.apply_state_dict(net, hesd.analysis.load_state_dict(checkpoint, trust_pickle=trust_pickle),
-                                       checkpoint)  # fmt: skip
+        apply_state_dict(net, load_state_dict(checkpoint, trust_pickle=trust_pickle), checkpoint)
         batches = call_factory(load_object(data, "--data"), "--data", data)
         loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
-        settings = hesd.AnalysisSettings(num_steps=steps, num_probes=probes, seed=seed, ct_threshold=ct_threshold)
-        group, rank = _init_distributed(distributed, device)
+        settings = AnalysisSettings(num_steps=steps, num_probes=probes, seed=seed, ct_threshold=ct_threshold)
+        group, rank = init_distributed(distributed, device)
         if group is not None:
             from ..distributed import shard
 
             batches = shard(batches, group=group)
-        row, spec = hesd.analyze_model(net, batches, loss_fn=loss_fn, settings=settings, process_group=group)
+        row, spec = analyze_model(net, batches, loss_fn=loss_fn, settings=settings, process_group=group)
         if rank != 0:
             raise typer.Exit(EXIT_OK)
-    except (BadInput, hesd.CheckpointError, hesd.NonFiniteLossError, ValueError) as exc:
-        _fail(str(exc))
+    except (HesdError, ValueError) as exc:
+        fail(str(exc))
     if plot is not None:
         import matplotlib
 
@@ -374,10 +282,10 @@ def spectrum(
         fig.tight_layout()
         fig.savefig(plot)
         plt.close(fig)
-    keys = ("lambda_min", "lambda_max", "trace", "trace_se", "re", "kh05", "ct", "hesd_type", "train_loss", "hvps")
+    keys = VIEWS["spectrum"]
     summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint)}
     if as_json:
-        _emit_json(summary | {"spectrum": spec.to_dict()})
+        emit_json(summary | {"spectrum": spec.to_dict()})
     elif quiet:
         typer.echo(row["hesd_type"])
     else:
@@ -405,9 +313,9 @@ def report(
     try:
         path = build_report(directory, out)
     except (FileNotFoundError, PermissionError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
-        _emit_json({"report": str(path)})
+        emit_json({"report": str(path)})
     elif not quiet:
         typer.echo(f"report: {path}")
 

@@ -15,10 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-import hesd
-from hesd.models import digits_cnn, load_digits_tensors
-from hesd.training import TrainConfig, train_with_checkpoints
-
+from ..algorithms.spectrum import Spectrum
+from ..analysis.rows import VIEWS
+from ..analysis.series import analyze_checkpoints
+from ..analysis.settings import AnalysisSettings
+from ..errors import HesdPermissionError
+from ..models import digits_cnn, load_digits_tensors
+from ..training import TrainConfig, train_with_checkpoints
 from ._common import Progress, store_landscape
 from .report import build_report
 
@@ -31,7 +34,7 @@ DEMO_RUNS = {
 }
 
 
-def text_histogram(spectrum: hesd.Spectrum, bins: int = 20, width: int = 46) -> str:
+def text_histogram(spectrum: Spectrum, bins: int = 20, width: int = 46) -> str:
     """A text histogram of the smoothed density, log-scaled, from λmin to λmax."""
     t, d = spectrum.density(np.linspace(spectrum.lambda_min, spectrum.lambda_max, bins))
     logd = np.log10(np.maximum(d, 1e-12))
@@ -49,12 +52,12 @@ def run_demo(out: str | Path = "hesd-demo", *, epochs: int = 16, quick: bool = F
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PermissionError(
+        raise HesdPermissionError(
             f"hesd demo: cannot create {out} ({exc.strerror}); pass --out to a writable folder"
         ) from None
     torch.set_num_threads(max(1, torch.get_num_threads()))
     X, y, Xh, yh = load_digits_tensors()
-    settings = hesd.AnalysisSettings(
+    settings = AnalysisSettings(
         num_steps=20 if quick else 50, num_probes=2 if quick else 3, seed=0, lr=0.05, refine_extremes=not quick
     )
     save_every = 1 if quick else 2
@@ -70,7 +73,7 @@ def run_demo(out: str | Path = "hesd-demo", *, epochs: int = 16, quick: bool = F
         torch.manual_seed(0)
         train_with_checkpoints(digits_cnn(), X, y, ckpt_dir, cfg)
         progress = Progress(quiet, settings.num_steps * settings.num_probes)
-        res = hesd.analyze_checkpoints(
+        res = analyze_checkpoints(
             digits_cnn, ckpt_dir, (X, y), heldout=(Xh, yh), out_dir=res_dir, settings=settings, overwrite=True,
             progress=progress,
         )  # fmt: skip
@@ -80,8 +83,7 @@ def run_demo(out: str | Path = "hesd-demo", *, epochs: int = 16, quick: bool = F
         result["runs"][name] = res.selections
         if not quiet:
             t = res.table
-            cols = ["epoch", "lambda_min", "lambda_max", "re", "kh05", "ct", "hesd_type", "qs_flag", "heldout_accuracy"]
-            print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(t[list(VIEWS["demo"])].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             for rule, sel in res.selections.items():
                 pick = f"epoch {sel['epoch']}" if sel.get("checkpoint") else "no pick"
                 print(f"  {rule}: {pick} — {sel['reason']}")

@@ -18,13 +18,15 @@ import pandas as pd
 from torch import nn
 
 from ..analysis.checkpoints import sha256_file
-from ..analysis.series import AnalysisSettings, _records, analyze_model, build_table
+from ..analysis.model import analyze_model
+from ..analysis.recorder import SeriesRecorder
+from ..analysis.rows import VIEWS, RowIdentity
+from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore
-from ..errors import HesdError
+from ..checks import check_type, is_int_at_least
+from ..errors import HesdError, HesdValueError
 
 __all__ = ["Monitor"]
-
-_SCALARS = ("lambda_max", "lambda_min", "trace", "re", "kh05", "ct")
 
 
 class Monitor:
@@ -69,24 +71,21 @@ class Monitor:
         tensorboard: Any = None,
         overwrite: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Monitor: every must be a positive integer, got {every!r}")
+        check_type(model, nn.Module, "model", "Monitor", "an nn.Module")
+        if not is_int_at_least(every, 1):
+            raise HesdValueError(f"Monitor: every must be a positive integer, got {every!r}")
         self.model, self.data, self.loss_fn = model, data, loss_fn
         self.heldout, self.evaluate = heldout, evaluate
         self.settings = settings or AnalysisSettings()
         self.every = every
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.save_checkpoints = save_checkpoints and self.out_dir is not None
-        self._store = (
+        store = (
             ResultStore(self.out_dir, {"analysis": self.settings.to_dict(), "source": "monitor"}, overwrite=overwrite)
             if self.out_dir is not None
             else None
         )
-        self._rows: dict[str, dict] = {}
-        if self._store is not None:
-            self._rows = {r["checkpoint"]: r for r in self._store.rows()}
+        self.recorder = SeriesRecorder(self.settings, store, order="epoch", rows=store.rows() if store else ())
         self._writer = self._make_writer(tensorboard)
 
     @staticmethod
@@ -124,25 +123,20 @@ class Monitor:
         if not force and epoch % self.every != 0:
             return None
         ident, digest = self._save(epoch)
-        base = {"checkpoint": ident, "name": Path(ident).name if digest else ident, "epoch": int(epoch),
-                "sha256": digest}  # fmt: skip
+        identity = RowIdentity(ident, Path(ident).name if digest else ident, int(epoch), digest)
+        spec = None
         try:
-            row, spec = analyze_model(
+            metrics, spec = analyze_model(
                 self.model, self.data, loss_fn=self.loss_fn, heldout=self.heldout, evaluate=self.evaluate,
                 settings=self.settings,
             )  # fmt: skip
-            row = {**base, **row, "status": "ok", "error": None, "spectrum": spec.to_dict()}
+            row = identity.ok(metrics, spec)
         except (HesdError, ValueError, RuntimeError) as exc:
             warnings.warn(f"Monitor: analysis at epoch {epoch} failed: {exc}", RuntimeWarning, stacklevel=2)
-            row, spec = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}, None
-        self._rows[ident] = row
-        if self._store is not None:
-            self._store.put(ResultStore.key_for(ident), row)
-            table, selections, _ = build_table(self._sorted_rows(), self.settings)
-            self._store.write_tables(_records(table))
-            self._store.write_json("selection.json", selections)
+            row = identity.failed(f"{type(exc).__name__}: {exc}")
+        self.recorder.record(row)
         if self._writer is not None and spec is not None:
-            for key in _SCALARS:
+            for key in VIEWS["scalars"]:
                 self._writer.add_scalar(f"hesd/{key}", float(row[key]), epoch)
             import numpy as np
 
@@ -153,22 +147,19 @@ class Monitor:
 
     __call__ = step
 
-    def _sorted_rows(self) -> list[dict]:
-        return sorted(self._rows.values(), key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0))
-
     @property
     def table(self) -> pd.DataFrame:
         """The results so far, one row per analysed epoch."""
-        return build_table(self._sorted_rows(), self.settings)[0]
+        return self.recorder.table
 
     @property
     def selections(self) -> dict[str, dict]:
         """What each selection rule picks so far."""
-        return build_table(self._sorted_rows(), self.settings)[1]
+        return self.recorder.selections
 
     def finalize(self, *, landscape: bool = True, report: bool = True) -> Path | None:
         """Compute the landscape of the pick (needs saved checkpoints) and write the report; return its path."""
-        if self.out_dir is None or not self._rows:
+        if self.out_dir is None or not len(self.recorder):
             return None
         if landscape and self.save_checkpoints:
             from ._common import store_landscape
@@ -194,4 +185,4 @@ class Monitor:
         return None
 
     def __repr__(self) -> str:
-        return f"Monitor(every={self.every}, rows={len(self._rows)}, out_dir={self.out_dir})"
+        return f"Monitor(every={self.every}, rows={len(self.recorder)}, out_dir={self.out_dir})"

@@ -26,8 +26,10 @@ import pandas as pd
 
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
-from ..analysis.series import AnalysisSettings, build_table
+from ..analysis.rows import VIEWS, build_table, records
+from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
+from ..errors import HesdFileNotFoundError
 
 __all__ = ["SeriesData", "build_report", "find_series", "load_series"]
 
@@ -65,7 +67,7 @@ def load_series(root: str | Path, label: str | None = None) -> SeriesData:
     settings = AnalysisSettings(**analysis)
     rows = sorted(store.rows(), key=_sort_key)
     if not rows:
-        raise FileNotFoundError(f"load_series: {root} holds no analysed checkpoints yet")
+        raise HesdFileNotFoundError(f"load_series: {root} holds no analysed checkpoints yet")
     table, selections, spectra = build_table(rows, settings)
     land_path = Path(root) / "landscape.json"
     landscape = json.loads(land_path.read_text()) if land_path.exists() else None
@@ -81,7 +83,7 @@ def find_series(root: str | Path) -> list[Path]:
         return [root]
     subs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()) if root.is_dir() else []
     if not subs:
-        raise FileNotFoundError(
+        raise HesdFileNotFoundError(
             f"build_report: {root} holds no hesd results (no manifest.json in it or its sub-folders); "
             "run `hesd analyze ... --out DIR` first"
         )
@@ -231,9 +233,6 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.MP{color:#1a7f37;font-weight:60
 code{background:#f3f3f3;padding:1px 4px}
 """
 
-_SHOW = ["name", "epoch", "status", "lambda_min", "lambda_max", "trace", "re", "kh05", "ct", "hesd_type", "qs_flag",
-         "heldout_accuracy", "train_loss", "hvps", "seconds", "error"]  # fmt: skip
-
 
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
@@ -246,7 +245,7 @@ def _fmt(v: Any) -> str:
 
 
 def _table_html(t: pd.DataFrame) -> str:
-    cols = [c for c in _SHOW if c in t]
+    cols = [c for c in VIEWS["report"] if c in t]
     head = "".join(f"<th class='l'>{html.escape(c)}</th>" if c in ("name", "error") else f"<th>{c}</th>" for c in cols)
     body = []
     for _, r in t.iterrows():
@@ -338,9 +337,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             f"<code>{html.escape(str(s.root / 'results.csv'))}</code></p>"
             f"<h3>Settings</h3><pre>{settings_html}</pre>"
         )
-        s_records = t.replace({np.nan: None}).to_dict(orient="records")
-        atomic_write_text(s.root / "results.csv", t.to_csv(index=False))
-        atomic_write_text(s.root / "results.json", json.dumps(s_records, indent=1, default=str))
+        ResultStore.open_existing(s.root).write_tables(records(t))  # the tables follow the rebuilt flags
     summary.append("</table>")
     versions = "".join(f"<tr><td class='l'>{k}</td><td class='l'>{html.escape(v)}</td></tr>" for k, v in
                        _versions().items())  # fmt: skip

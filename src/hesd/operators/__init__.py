@@ -1,6 +1,32 @@
-"""Operators: Hessian-vector products over a model, a loss and data."""
+"""Operators: Hessian-vector products over a model, a loss and data.
 
-from ._base import LinearOperator, MatrixOperator, ScipyOperator, as_operator
-from .hessian import HessianOperator, exact_hessian
+One concern per module: :mod:`~hesd.operators.linear` (the operator interface),
+:mod:`~hesd.operators.layout` (parameters and flat vectors), :mod:`~hesd.operators.data` and
+:mod:`~hesd.operators.loss` (batches and the loss contract), :mod:`~hesd.operators.forward`
+(the state forward passes run in), :mod:`~hesd.operators.first_order` (loss, gradient, kept
+graphs), :mod:`~hesd.operators.products` (product methods), :mod:`~hesd.operators.tuning`
+(choices made from timings), :mod:`~hesd.operators.support` (what PyTorch cannot
+differentiate), :mod:`~hesd.operators.hessian` (the operator that composes them) and
+:mod:`~hesd.operators.exact` (the dense Hessian).
+"""
 
-__all__ = ["HessianOperator", "LinearOperator", "MatrixOperator", "ScipyOperator", "as_operator", "exact_hessian"]
+from .exact import exact_hessian
+from .forward import model_state
+from .hessian import HessianOperator
+from .layout import ParameterLayout
+from .linear import LinearOperator, MatrixOperator, ScipyOperator, as_operator
+from .loss import LossBatch, LossContract, PairLoss
+
+__all__ = [
+    "HessianOperator",
+    "LinearOperator",
+    "LossBatch",
+    "LossContract",
+    "MatrixOperator",
+    "PairLoss",
+    "ParameterLayout",
+    "ScipyOperator",
+    "as_operator",
+    "exact_hessian",
+    "model_state",
+]

@@ -1,12 +1,22 @@
-"""Data handling for curvature operators: one place for batch parsing, counting and moving."""
+"""Data for curvature operators: batch parsing, counting, moving, and calling the model.
+
+Every product method and the first-order pass read data through these functions, so a new
+batch format is taught to hesd here (and a new way of turning a batch into a loss in
+:mod:`hesd.operators.loss`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
+
+from ..errors import HesdTypeError, HesdValueError
+
+__all__ = ["as_reiterable", "batch_size", "call_model", "is_single_batch", "split_batch", "to_device"]
 
 Batch = tuple[Any, Any]
 
@@ -19,38 +29,48 @@ def is_single_batch(data: Any) -> bool:
     return False
 
 
-def as_reiterable(data: Any, caller: str) -> Iterable[Batch]:
+def as_reiterable(data: Any, caller: str) -> Iterable[Any]:
     """Return something that can be iterated over many times.
 
     A one-shot iterator (a generator, ``iter(loader)``) is materialised into a list,
     so each Hessian-vector product sees the same data.
+
+    Raises:
+        HesdTypeError: ``data`` is a lone tensor or not iterable.
+        HesdValueError: ``data`` has a length of zero.
     """
     if is_single_batch(data):
         return [tuple(data)]
     if isinstance(data, torch.Tensor):
-        raise TypeError(f"{caller}: data must be (inputs, targets) or an iterable of such batches, got a lone tensor")
+        raise HesdTypeError(
+            f"{caller}: data must be (inputs, targets) or an iterable of such batches, got a lone tensor"
+        )
     try:
         iterator = iter(data)
     except TypeError:
-        raise TypeError(
+        raise HesdTypeError(
             f"{caller}: data must be a DataLoader, an iterable of (inputs, targets) batches, "
             f"or one (inputs, targets) pair; got {type(data).__name__}"
         ) from None
     if iterator is data:
         return list(iterator)
     if hasattr(data, "__len__") and len(data) == 0:
-        raise ValueError(f"{caller}: data is empty (no batches); pass a non-empty DataLoader or batch list")
+        raise HesdValueError(f"{caller}: data is empty (no batches); pass a non-empty DataLoader or batch list")
     return data
 
 
 def split_batch(batch: Any, caller: str) -> Batch:
-    """Split a batch into ``(inputs, targets)``."""
-    if isinstance(batch, dict):
-        raise TypeError(
+    """Split a batch into ``(inputs, targets)``.
+
+    Raises:
+        HesdTypeError: the batch is not a pair.
+    """
+    if isinstance(batch, Mapping):
+        raise HesdTypeError(
             f"{caller}: a batch must be an (inputs, targets) pair, got a dict; wrap it as (inputs, targets)"
         )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
+        raise HesdTypeError(
             f"{caller}: each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         )
@@ -58,17 +78,21 @@ def split_batch(batch: Any, caller: str) -> Batch:
 
 
 def batch_size(inputs: Any, targets: Any) -> int:
-    """Number of samples in a batch (leading dimension of the targets, else of the inputs)."""
+    """Number of samples in a batch (leading dimension of the targets, else of the inputs).
+
+    Raises:
+        HesdTypeError: neither holds a tensor with a leading batch dimension.
+    """
     if isinstance(targets, torch.Tensor) and targets.ndim > 0:
         return int(targets.shape[0])
     first = inputs
     while isinstance(first, (tuple, list)):
         first = first[0]
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         first = next(iter(first.values()))
     if isinstance(first, torch.Tensor) and first.ndim > 0:
         return int(first.shape[0])
-    raise TypeError("cannot tell the batch size: targets or inputs must be tensors with a leading batch dimension")
+    raise HesdTypeError("cannot tell the batch size: targets or inputs must be tensors with a leading batch dimension")
 
 
 def to_device(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -77,17 +101,26 @@ def to_device(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
         if x.is_floating_point():
             return x.to(device=device, dtype=dtype, non_blocking=True)
         return x.to(device=device, non_blocking=True)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: to_device(v, device, dtype) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device, dtype) for v in x)
     return x
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on tensor, tuple (positional) or dict (keyword) inputs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+def call_model(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """Call ``model`` on tensor, tuple (positional) or dict (keyword) inputs.
+
+    With ``params`` the call is :func:`torch.func.functional_call`: those tensors stand in for
+    the model's parameters of the same names (the forward-over-reverse product uses this).
+    """
+    if isinstance(inputs, Mapping):
+        args: tuple[Any, ...] = ()
+        kwargs = dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+    if params is None:
+        return model(*args, **kwargs)
+    return functional_call(model, dict(params), args, kwargs)

@@ -14,6 +14,8 @@ import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 
+from ..errors import HesdTypeError, HesdValueError
+
 __all__ = ["LinearOperator", "MatrixOperator", "ScipyOperator", "as_operator"]
 
 
@@ -41,14 +43,14 @@ class LinearOperator:
 
     def _check_vector(self, v: Any, caller: str) -> torch.Tensor:
         if not isinstance(v, torch.Tensor):
-            raise TypeError(
+            raise HesdTypeError(
                 f"{caller}: expected a torch.Tensor, got {type(v).__name__}; use .to_scipy() to work with NumPy arrays"
             )
         n = self.shape[0]
         if v.ndim not in (1, 2) or v.shape[0] != n:
-            raise ValueError(f"{caller}: expected a vector of shape ({n},) or ({n}, k), got {tuple(v.shape)}")
+            raise HesdValueError(f"{caller}: expected a vector of shape ({n},) or ({n}, k), got {tuple(v.shape)}")
         if v.dtype != self.dtype:
-            raise TypeError(
+            raise HesdTypeError(
                 f"{caller}: vector dtype {v.dtype} does not match the operator's {self.dtype}; "
                 f"convert it with v.to({self.dtype})"
             )
@@ -108,9 +110,9 @@ class MatrixOperator(LinearOperator):
 
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"MatrixOperator: expected a square matrix, got shape {tuple(matrix.shape)}")
+            raise HesdValueError(f"MatrixOperator: expected a square matrix, got shape {tuple(matrix.shape)}")
         if not matrix.is_floating_point():
-            raise TypeError(f"MatrixOperator: expected a floating-point matrix, got {matrix.dtype}")
+            raise HesdTypeError(f"MatrixOperator: expected a floating-point matrix, got {matrix.dtype}")
         self.matrix = matrix
         self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
         self.dtype = matrix.dtype
@@ -128,7 +130,7 @@ class ScipyOperator(LinearOperator):
     def __init__(self, op: Any) -> None:
         self.op = spla.aslinearoperator(op)
         if self.op.shape[0] != self.op.shape[1]:
-            raise ValueError(f"ScipyOperator: expected a square operator, got shape {self.op.shape}")
+            raise HesdValueError(f"ScipyOperator: expected a square operator, got shape {self.op.shape}")
         self.shape = (int(self.op.shape[0]), int(self.op.shape[1]))
         self.dtype = torch.float64
         self.device = torch.device("cpu")
@@ -154,7 +156,7 @@ def as_operator(A: Any, caller: str = "as_operator") -> LinearOperator:
         return MatrixOperator(A)
     if isinstance(A, (np.ndarray, spla.LinearOperator)) or hasattr(A, "matvec"):
         return ScipyOperator(A)
-    raise TypeError(
+    raise HesdTypeError(
         f"{caller}: expected a hesd operator, a torch.Tensor, a NumPy array or a SciPy LinearOperator, "
         f"got {type(A).__name__}"
     )

@@ -1,0 +1,141 @@
+"""Analyse one model at its current parameters: spectrum, criteria, type, extremes, held-out metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..algorithms.eigen import eigenvalues
+from ..algorithms.slq import plan_basis, slq
+from ..algorithms.spectrum import Spectrum
+from ..operators import HessianOperator, ParameterLayout
+from ..operators.data import as_reiterable, call_model, split_batch, to_device
+from .criteria import compare_criteria, criteria, probe_summary
+from .settings import AnalysisSettings
+
+__all__ = ["analyze_model", "select_params"]
+
+
+def _accuracy_eval(model: nn.Module, data: Iterable, loss_fn: Callable, device, dtype) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    total, loss_sum, correct, classify = 0, 0.0, 0, True
+    with torch.no_grad():
+        for batch in as_reiterable(data, "heldout"):
+            X, y = split_batch(batch, "heldout")
+            X, y = to_device(X, device, dtype), to_device(y, device, dtype)
+            out = call_model(model, X)
+            n = len(y)
+            loss_sum += float(loss_fn(out, y)) * n
+            total += n
+            if classify and isinstance(out, torch.Tensor) and out.ndim == 2 and not y.is_floating_point():
+                correct += int((out.argmax(1) == y).sum())
+            else:
+                classify = False
+    model.train(was)
+    res = {"heldout_loss": loss_sum / max(total, 1)}
+    if classify:
+        res["heldout_accuracy"] = correct / max(total, 1)
+    return res
+
+
+def analyze_model(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: Callable = nn.functional.cross_entropy,
+    heldout: Any = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    settings: AnalysisSettings | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    process_group: Any = None,
+) -> tuple[dict, Spectrum]:
+    """Analyse ``model`` at its current parameters.
+
+    With ``process_group`` each rank passes its shard of ``data`` (data parallel, see
+    :mod:`hesd.distributed`); every rank returns the same row. Held-out metrics are computed
+    on each rank's ``heldout`` as given (pass the whole held-out set on every rank).
+
+    Returns:
+        ``(row, spectrum)``: ``row`` holds λmin, λmax, trace (SLQ estimate ± standard error
+        over probes), re, KH05, Khn, Ct (with spreads), HESD type, stability, loss,
+        gradient norm, held-out metrics, HVP count and time; ``spectrum`` is the SLQ
+        :class:`hesd.Spectrum`.
+
+    Example:
+        >>> import torch, hesd
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> row, spec = hesd.analyze_model(model, data, settings=hesd.AnalysisSettings(num_steps=20, num_probes=2))
+        >>> row["hesd_type"] in ("MP", "MN"), spec.num_probes
+        (True, 2)
+    """
+    s = settings or AnalysisSettings()
+    t0 = time.perf_counter()
+    names = select_params(model, s.params) if s.params else None
+    slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
+    graph_budget = None
+    if s.max_memory is not None:
+        P = sum(p.numel() for n, p in model.named_parameters() if (names is None and p.requires_grad) or
+                (names is not None and n in names))  # fmt: skip
+        dtype = next(model.parameters()).dtype
+        plan = plan_basis(P, s.num_steps, dtype, s.max_memory // 2)
+        slq_kw = {k: plan[k] for k in ("reorth", "window", "basis_dtype")}
+        slq_kw["lockstep"] = 1  # the basis budget is for one probe at a time
+        graph_budget = s.max_memory - plan["basis_bytes"]
+    op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
+                         memory_budget=graph_budget)  # fmt: skip
+    if s.stop_tol is not None:
+        slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
+    spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
+    crit = criteria(spec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
+    row: dict[str, Any] = crit.to_dict()
+    row["slq_lambda_min"], row["slq_lambda_max"] = crit.lambda_min, crit.lambda_max
+    if s.refine_extremes:
+        ends = eigenvalues(op, k=2, which="BE", tol=s.extreme_tol, seed=s.seed, warn=False)
+        lo, hi = float(ends.eigenvalues[0]), float(ends.eigenvalues[1])
+        row.update(lambda_min=lo, lambda_max=hi, width=hi - lo, extremes_converged=bool(ends.converged))
+        row["stable_step"] = 2.0 / hi if hi > 0 else math.inf
+        if s.lr is not None:
+            row["eos_ratio"] = s.lr * hi / 2
+    per_probe_trace = [spec.dim * float(np.sum(w * v)) for v, w in zip(spec.values, spec.weights, strict=True)]
+    row["trace"] = float(np.mean(per_probe_trace))
+    row["trace_se"] = float(np.std(per_probe_trace, ddof=1) / math.sqrt(len(per_probe_trace))) \
+        if len(per_probe_trace) > 1 else math.nan  # fmt: skip
+    row["train_loss"] = op.loss()
+    row["grad_norm"] = float(torch.linalg.vector_norm(op.gradient()))
+    row["num_params"] = op.shape[0]
+    row["num_samples"] = op.num_samples
+    metrics: dict[str, float] = {}
+    if evaluate is not None:
+        metrics = {f"heldout_{k}" if not k.startswith("heldout_") else k: float(v) for k, v in evaluate(model).items()}
+    elif heldout is not None:
+        metrics = _accuracy_eval(model, heldout, loss_fn, op.device, op.dtype)
+    row.update(metrics)
+    if s.heldout_criteria and heldout is not None:
+        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode)  # held-out: local, see above
+        hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, reorth=s.reorth, window=s.window)
+        hcrit = criteria(hspec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
+        row.update({k: v for k, v in compare_criteria(crit, hcrit).items() if not k.startswith("train_")})
+        row["heldout_spectrum"] = hspec.to_dict()
+        row["hvps_heldout"] = hop.num_matvecs
+    row["hvps"] = op.num_matvecs
+    row["seconds"] = time.perf_counter() - t0
+    return row, spec
+
+
+def select_params(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the trainable parameters that ``patterns`` select (names or ``fnmatch`` patterns).
+
+    Raises:
+        HesdValueError: a pattern matches no trainable parameter, or a name is unknown.
+    """
+    return ParameterLayout.select(model, list(patterns), "params").names

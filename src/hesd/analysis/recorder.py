@@ -1,0 +1,92 @@
+"""Record a row and refresh the tables: the one write path of every series of analyses.
+
+:func:`hesd.analyze_checkpoints`, :class:`hesd.Monitor` and the training callbacks all keep
+their rows in a :class:`SeriesRecorder`: each new row is stored atomically (when there is a
+results folder) and ``results.csv``, ``results.json`` and ``selection.json`` are rebuilt, so
+what is on disk always follows the last finished checkpoint.
+
+Example:
+    >>> import hesd
+    >>> from hesd.analysis.recorder import SeriesRecorder
+    >>> from hesd.analysis.rows import RowIdentity
+    >>> rec = SeriesRecorder(hesd.AnalysisSettings())  # no folder: in memory
+    >>> rec.record(RowIdentity("a.pt", "a.pt", 1).failed("CheckpointError: corrupt"))
+    >>> rec.table["status"].tolist()
+    ['failed']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from .rows import build_table, records
+from .selection import SelectionRule
+from .settings import AnalysisSettings
+from .store import ResultStore
+
+__all__ = ["SeriesRecorder"]
+
+
+def _epoch_order(row: dict) -> tuple:
+    return (row.get("epoch") is None, row.get("epoch") or 0)
+
+
+class SeriesRecorder:
+    """The rows of a series, in memory and (with a store) on disk.
+
+    Args:
+        settings: the analysis settings (for QS flags and the default rules).
+        store: the results folder's store, or ``None`` to keep rows in memory.
+        rules: selection rules (default: :func:`hesd.analysis.default_rules`).
+        order: ``"epoch"`` sorts rows by epoch (a training run's analyses); ``"arrival"`` keeps
+            the order they were recorded in (a checkpoint series, already in series order).
+        rows: rows recorded earlier (a resumed series), keyed by checkpoint identity.
+    """
+
+    def __init__(
+        self,
+        settings: AnalysisSettings,
+        store: ResultStore | None = None,
+        *,
+        rules: list[SelectionRule] | None = None,
+        order: str = "epoch",
+        rows: Iterable[dict] = (),
+    ) -> None:
+        self.settings, self.store, self.rules, self.order = settings, store, rules, order
+        self._rows: dict[str, dict] = {r["checkpoint"]: r for r in rows}
+
+    def record(self, row: dict, *, store: bool = True) -> None:
+        """Add (or replace) ``row``; store it and rewrite the tables (``store=False``: a row read back)."""
+        self._rows[row["checkpoint"]] = row
+        if self.store is None:
+            return
+        if store:
+            self.store.put(ResultStore.key_for(row["checkpoint"]), row)
+        table, selections, _ = self.build()
+        self.store.write_tables(records(table))
+        self.store.write_json("selection.json", selections)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The rows, in series order."""
+        rows = list(self._rows.values())
+        return sorted(rows, key=_epoch_order) if self.order == "epoch" else rows
+
+    def build(self):
+        """``(table, selections, spectra)`` of the rows so far (:func:`hesd.analysis.rows.build_table`)."""
+        return build_table(self.rows, self.settings, self.rules)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The results table so far."""
+        return self.build()[0]
+
+    @property
+    def selections(self) -> dict[str, dict]:
+        """What each selection rule picks so far."""
+        return self.build()[1]
+
+    def __len__(self) -> int:
+        return len(self._rows)

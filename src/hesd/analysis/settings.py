@@ -1,0 +1,112 @@
+"""The settings of an analysis: one definition, stored with every result and read by the CLI.
+
+:class:`AnalysisSettings` is the single place where an analysis option and its default are
+written. The results store fingerprints them (results computed with other settings are never
+mixed) and the command line takes its defaults and help text from them.
+
+Example:
+    >>> import hesd
+    >>> s = hesd.AnalysisSettings(num_steps=40)
+    >>> s.num_steps, s.num_probes, s.ct_threshold
+    (40, 3, -0.6)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import HesdValueError
+from .selection import QSRule
+
+__all__ = ["AnalysisSettings", "default_of"]
+
+
+@dataclass
+class AnalysisSettings:
+    """Settings of an analysis; stored with the results so runs never mix silently.
+
+    Attributes:
+        num_steps: Lanczos steps per SLQ probe.
+        num_probes: SLQ probes (the same at every checkpoint).
+        seed: probe seed.
+        reorth: SLQ re-orthogonalisation (``"full"``, ``"window"``, ``"none"``).
+        window: window for ``reorth="window"``.
+        n: exponent of :math:`K_{h,n}`.
+        ct_threshold: MP/MN threshold on Ct.
+        aggregate: ``"mean"`` or ``"pooled"`` Ct (see :func:`hesd.criteria`).
+        zero_band: band (relative to λmax) for the per-checkpoint zero mass.
+        model_mode: ``"eval"`` or ``"train"`` (see :class:`hesd.HessianOperator`).
+        refine_extremes: certify λmin and λmax with restarted Lanczos (``which="BE"``) to
+            ``extreme_tol`` instead of reporting SLQ's extreme Ritz values.
+        extreme_tol: relative residual tolerance for the refinement.
+        heldout_criteria: also compute the criteria on the held-out data.
+        lr: the optimiser's learning rate, for the edge-of-stability ratio.
+        dtype: ``"float32"``/``"float64"`` to cast the model to, or ``None`` to keep it.
+        device: device to run on (``None``: where the model is).
+        qs: the quasi-singular rule.
+        params: ``fnmatch`` patterns of parameter names to restrict the Hessian to (block
+            analysis, e.g. ``["layers.3.*"]``); ``None``: all trainable parameters.
+        max_memory: bytes for the SLQ basis and the kept first-order graphs together; half
+            goes to the basis (see :func:`hesd.algorithms.slq.plan_basis` for the modes and
+            their accuracy cost), the rest to graphs. ``None``: full basis, default budget.
+        stop_tol: adaptive SLQ — stop each probe once λmin, λmax, re and Ct have settled to
+            this tolerance (``num_steps`` becomes the cap); see :func:`hesd.slq`. KH05 then
+            refers to a varying step count: leave ``None`` when KH05 matters.
+    """
+
+    num_steps: int = 80
+    num_probes: int = 3
+    seed: int = 0
+    reorth: str = "full"
+    window: int | None = None
+    n: float = 0.5
+    ct_threshold: float = -0.6
+    aggregate: str = "mean"
+    zero_band: float = 0.01
+    model_mode: str = "eval"
+    refine_extremes: bool = True
+    extreme_tol: float = 1e-4
+    heldout_criteria: bool = False
+    lr: float | None = None
+    dtype: str | None = None
+    device: str | None = None
+    qs: QSRule = field(default_factory=QSRule)
+    params: list[str] | None = None
+    max_memory: int | None = None
+    stop_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.qs, dict):
+            self.qs = QSRule(**self.qs)
+        for name in ("num_steps", "num_probes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise HesdValueError(f"AnalysisSettings: {name} must be a positive integer, got {v!r}")
+        if self.reorth not in ("full", "window", "none"):
+            raise HesdValueError(f"AnalysisSettings: reorth must be 'full', 'window' or 'none', got {self.reorth!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            raise HesdValueError(f"AnalysisSettings: dtype must be 'float32', 'float64' or None, got {self.dtype!r}")
+        if self.model_mode not in ("eval", "train"):
+            raise HesdValueError(f"AnalysisSettings: model_mode must be 'eval' or 'train', got {self.model_mode!r}")
+        if isinstance(self.params, str):
+            self.params = [self.params]
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise HesdValueError(
+                f"AnalysisSettings: max_memory must be a positive number of bytes, got {self.max_memory}"
+            )
+        if not self.ct_threshold <= 0:
+            raise HesdValueError(f"AnalysisSettings: ct_threshold must be ≤ 0, got {self.ct_threshold}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["qs"] = asdict(self.qs)
+        return d
+
+
+def default_of(name: str) -> Any:
+    """The default value of the :class:`AnalysisSettings` field ``name`` (for the CLI's options)."""
+    for f in fields(AnalysisSettings):
+        if f.name == name:
+            return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+    raise KeyError(name)

@@ -1,0 +1,309 @@
+r"""The first-order pass: loss, gradient and kept first-order graphs over all the data.
+
+Before the first product, :func:`first_order_pass` goes over the data once. Per batch it
+evaluates the loss :math:`\ell_b` and its gradient :math:`g_b = \nabla \ell_b`, and, while the
+memory budget allows, keeps the graph of :math:`g_b` so that a product :math:`H_b v` is one
+backward pass through it (no forward). Batches whose graphs do not fit are kept as data and
+recomputed per product; if the batches themselves do not fit, nothing is kept and every
+product reads the data again. The pass returns a :class:`FirstOrderState`: the total item
+count :math:`N`, the loss :math:`L = \sum_b w_b \ell_b` and gradient
+:math:`\nabla L = \sum_b w_b g_b` (all-reduced over the ranks of a process group), and what
+was kept.
+
+:class:`Objective` is the loss of one batch as a function of the parameters, under the
+forward context; every product method evaluates batches through it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..collectives import agree, all_reduce_sum
+from ..errors import HesdValueError, NonDeterministicError, NonFiniteLossError
+from .data import call_model
+from .forward import ForwardContext
+from .layout import ParameterLayout
+from .loss import LossBatch, LossContract
+
+__all__ = ["FirstOrderState", "KeptGraph", "Objective", "default_budget", "first_order_pass", "flat_graph"]
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes of first-order graphs kept by default: half the free GPU memory, a quarter of free RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = 4 * 2**30
+    return int(avail * 0.25)
+
+
+@contextmanager
+def count_saved_bytes(counter: list[int]) -> Iterator[None]:
+    """Sum the bytes of the distinct tensor storages that autograd saves inside the block."""
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                counter[0] += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def nbytes(x: Any) -> int:
+    """Bytes of the tensors in a (nested) batch."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, LossBatch):
+        return nbytes(x.inputs) + nbytes(x.targets)
+    if isinstance(x, dict):
+        return sum(nbytes(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(nbytes(v) for v in x)
+    return 0
+
+
+def flat_graph(grads: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """One batch's first-order gradient as one flat tensor that keeps its graph.
+
+    ``None`` when the gradient does not depend on the parameters (that batch's Hessian is
+    zero). One flat output lets a product pass the vector to ``torch.autograd.grad`` whole:
+    split into per-parameter views in Python instead, a product of the digits MLP cost about
+    6 % more (BENCHMARKS.md). Its graph adds one ``CatBackward`` node and ``P`` entries per
+    kept batch.
+    """
+    if not any(g.requires_grad for g in grads):
+        return None
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+class Objective:
+    """The loss of each batch of ``data`` as a function of the selected parameters.
+
+    Args:
+        model: the network.
+        contract: how a batch becomes a loss (:mod:`hesd.operators.loss`).
+        data: a re-iterable of raw batches.
+        layout: the selected parameters.
+        forward: the forward context (autocast is applied here; the caller enters the state).
+    """
+
+    def __init__(
+        self, model: nn.Module, contract: LossContract, data: Iterable[Any], layout: ParameterLayout,
+        forward: ForwardContext,
+    ) -> None:  # fmt: skip
+        self.model, self.contract, self.data = model, contract, data
+        self.layout, self.forward = layout, forward
+
+    def batches(self) -> Iterator[LossBatch]:
+        """The non-empty batches, prepared (parsed, counted, on the parameters' device)."""
+        for raw in self.data:
+            batch = self.contract.prepare(raw, self.layout.device, self.layout.dtype)
+            if batch is not None:
+                yield batch
+
+    def loss(self, batch: LossBatch, index: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The batch's loss as a 0-d tensor (``params``: a functional call with these tensors).
+
+        Raises:
+            HesdValueError: the loss is not a scalar.
+            NonFiniteLossError: the loss is NaN or infinite.
+        """
+        dtype = self.layout.dtype
+
+        def outputs_of(inputs: Any) -> Any:
+            with self.forward.autocast(self.layout.device):
+                out = call_model(self.model, inputs, params)
+            if self.forward.autocast_dtype is not None and isinstance(out, torch.Tensor):
+                out = out.to(dtype)
+            return out
+
+        loss = self.contract.loss(outputs_of, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise HesdValueError(
+                f"HessianOperator: loss_fn must return a scalar tensor, got {shape}; use a loss with reduction='mean'"
+            )
+        if params is None and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"HessianOperator: the loss is {loss.item()} on batch {index}; the checkpoint has diverged or the "
+                "data holds NaN/inf. Check the checkpoint and the inputs; curvature is undefined there"
+            )
+        return loss.reshape(())
+
+    def gradient(self, loss: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+        """``∇ loss`` over the selected parameters (zeros for parameters the loss does not use)."""
+        return torch.autograd.grad(
+            loss, self.layout.params, create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+
+
+@dataclass
+class KeptGraph:
+    """A batch's first-order graph kept across products: its item count and flat gradient."""
+
+    count: int
+    flat: torch.Tensor | None
+
+
+@dataclass
+class FirstOrderState:
+    """What the first-order pass found and kept.
+
+    Attributes:
+        total: items in the data, all ranks together (:math:`N`).
+        loss: the loss over all the data.
+        gradient: its gradient, ``(P,)``.
+        kept: batches whose first-order graphs are kept.
+        stored: batches kept as data, recomputed by double backward per product.
+        stream: nothing could be kept: every product reads the data again.
+        graph_bytes: bytes of the kept graphs on this rank.
+        versions: the parameters' version counters at the time (see :meth:`stale`).
+    """
+
+    total: float
+    loss: float
+    gradient: torch.Tensor
+    kept: list[KeptGraph] = field(default_factory=list)
+    stored: list[LossBatch] = field(default_factory=list)
+    stream: bool = False
+    graph_bytes: int = 0
+    versions: list[int] = field(default_factory=list)
+
+    def stale(self, layout: ParameterLayout) -> bool:
+        """Whether the parameters changed in place since the pass (an optimiser step)."""
+        return layout.versions() != self.versions
+
+
+def _local_pass(objective: Objective, budget: int, keep_graphs: bool, unlimited: bool):
+    """One pass over this rank's data: counts, losses, gradients, kept graphs and stored batches."""
+    used = 0
+    kept: list[KeptGraph] = []
+    stored: list[LossBatch] = []
+    stream = False
+    losses: list[tuple[int, torch.Tensor]] = []
+    grads: list[tuple[int, torch.Tensor]] = []
+    for index, batch in enumerate(objective.batches()):
+        counter = [0]
+        want_graph = keep_graphs and not stream and (unlimited or used < budget)
+        with torch.enable_grad(), count_saved_bytes(counter):
+            loss = objective.loss(batch, index)
+            g = objective.gradient(loss, create_graph=want_graph)
+        flat = None
+        if want_graph and (unlimited or used + counter[0] <= budget):
+            with torch.enable_grad():
+                flat = flat_graph(g)
+            kept.append(KeptGraph(batch.count, flat))
+            used += counter[0]
+        elif keep_graphs and not stream:
+            used = budget  # no more graphs; remember the batch itself
+            stored.append(batch)
+            if sum(nbytes(b) for b in stored) > budget:
+                stream, stored = True, []
+        losses.append((batch.count, loss.detach()))
+        grads.append((batch.count, flat.detach() if flat is not None else objective.layout.flatten(
+            [t.detach() for t in g])))  # fmt: skip
+    if stream:  # batches do not fit: keep no partial cache (a reshuffling loader would mix samples)
+        kept, used = [], 0
+    return losses, grads, kept, stored, stream, used
+
+
+def _reduce(objective: Objective, losses, grads, total: float, group: Any) -> tuple[float, torch.Tensor]:
+    weight = objective.contract.weight
+    layout = objective.layout
+    loss = sum(weight(n, total) * float(v) for n, v in losses)
+    grad = torch.zeros(layout.dim, dtype=layout.dtype, device=layout.device)
+    for n, g in grads:
+        grad += weight(n, total) * g
+    loss_t = all_reduce_sum(torch.as_tensor(loss, dtype=torch.float64, device=layout.device).reshape(1), group)
+    return float(loss_t.item()), all_reduce_sum(grad, group)
+
+
+def first_order_pass(
+    objective: Objective,
+    *,
+    budget: int,
+    keep_graphs: bool,
+    unlimited: bool,
+    group: Any = None,
+    check_deterministic: bool = True,
+) -> FirstOrderState:
+    """Count items, evaluate loss and gradient, keep first-order graphs, check determinism.
+
+    Call inside the forward context's state and precision. A failure on any rank of
+    ``group`` stops every rank with a :class:`hesd.collectives.DistributedError` naming it.
+
+    Args:
+        objective: the batches' losses.
+        budget: bytes of first-order graphs this rank may keep.
+        keep_graphs: keep graphs at all (``hvp_method`` ``"auto"`` or ``"graph"``).
+        unlimited: keep every graph whatever the budget (``hvp_method="graph"``).
+        group: a ``torch.distributed`` process group, or ``None``.
+        check_deterministic: evaluate loss and gradient a second time and compare.
+
+    Raises:
+        HesdValueError: the data holds no item.
+        NonFiniteLossError: a batch's loss is NaN or infinite.
+        NonDeterministicError: two passes over the same data disagree.
+    """
+    error: BaseException | None = None
+    try:
+        losses, grads, kept, stored, stream, used = _local_pass(objective, budget, keep_graphs, unlimited)
+        if not losses and group is None:
+            raise HesdValueError("HessianOperator: data yielded no samples; pass a non-empty DataLoader or batch")
+    except Exception as exc:
+        error, losses, grads, kept, stored, stream, used = exc, [], [], [], [], False, 0
+    if group is not None:
+        agree(group, error, "HessianOperator.prepare")
+    elif error is not None:
+        raise error
+    layout = objective.layout
+    count = torch.tensor([float(sum(n for n, _ in losses))], dtype=torch.float64, device=layout.device)
+    total = float(all_reduce_sum(count, group).item())
+    if total == 0:
+        raise HesdValueError("HessianOperator: no rank holds any sample; pass non-empty data shards")
+    loss, gradient = _reduce(objective, losses, grads, total, group)
+    state = FirstOrderState(total, loss, gradient, kept, stored, stream, used, layout.versions())
+    if check_deterministic:
+        _check_determinism(objective, state, group)
+    return state
+
+
+def _check_determinism(objective: Objective, state: FirstOrderState, group: Any) -> None:
+    losses, grads = [], []
+    for index, batch in enumerate(objective.batches()):
+        with torch.enable_grad():
+            loss = objective.loss(batch, index)
+            g = objective.gradient(loss, create_graph=False)
+        losses.append((batch.count, loss.detach()))
+        grads.append((batch.count, objective.layout.flatten(g)))
+    loss2, grad2 = _reduce(objective, losses, grads, state.total, group)
+    tol = 1e-9 if objective.layout.dtype == torch.float64 else 1e-4
+    scale = float(state.gradient.abs().max()) + 1e-30
+    gdiff = float((grad2 - state.gradient).abs().max()) / scale
+    ldiff = abs(loss2 - state.loss) / (abs(state.loss) + 1e-30)
+    if gdiff > tol or ldiff > tol or not math.isfinite(gdiff):
+        raise NonDeterministicError(
+            "HessianOperator: two passes over the same data gave different losses or gradients "
+            f"(relative difference {max(gdiff, ldiff):.2e}). Hessian-vector products would be random. "
+            "Common causes: dropout or BatchNorm in train mode (use model_mode='eval'), a DataLoader "
+            "with random augmentation or drop_last with shuffling (use a fixed, un-augmented loader). "
+            "Pass check_deterministic=False to skip this check."
+        )

@@ -1,0 +1,157 @@
+"""The state every forward pass of hesd runs in, entered in one place.
+
+* the model's mode (``"eval"``: running BatchNorm statistics, dropout off; ``"train"``: batch
+  statistics, with every buffer restored afterwards), the mode restored after;
+* BatchNorm with running statistics evaluated as its affine map (:mod:`hesd.operators.batchnorm`);
+* scaled dot-product attention on its math kernel: the fused flash and memory-efficient
+  kernels have no second derivative
+  (``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` is not differentiable in
+  torch 2.13);
+* full float32 precision (no TensorFloat-32) unless allowed;
+* optionally ``torch.autocast`` for the forward pass only.
+
+Example:
+    >>> import torch
+    >>> from hesd.operators.forward import ForwardContext
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    >>> ctx = ForwardContext(model, model_mode="eval")
+    >>> with ctx.state():
+    ...     model.training
+    False
+    >>> model.training
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..checks import check_choice
+from ..errors import HesdValueError
+from .batchnorm import affine_eval_batchnorm, has_running_stat_batchnorm
+
+__all__ = ["DROPOUT_TYPES", "ForwardContext", "float32_precision", "model_state"]
+
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@contextmanager
+def model_state(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in ``mode`` (``"eval"`` or ``"train"``) and restore it afterwards.
+
+    In train mode every buffer (BatchNorm running statistics, ``num_batches_tracked``) is
+    snapshotted and restored, so taking Hessians never changes the model. Inside,
+    ``scaled_dot_product_attention`` uses its math backend (module docs).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if mode == "train":
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        model.train()
+    else:
+        model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if saved:
+            with torch.no_grad():
+                for b, copy in saved:
+                    b.copy_(copy)
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def float32_precision(allow_tf32: bool, device: torch.device) -> Iterator[None]:
+    """Full float32 precision inside the block unless ``allow_tf32``.
+
+    Matrix products do not round to TensorFloat-32 or bfloat16
+    (``torch.set_float32_matmul_precision``, which oneDNN honours on the CPU too) and, on a
+    GPU, neither do cuDNN convolutions. Settings already at full precision are left alone
+    (each costs microseconds, a product of a small MLP under a millisecond); the others are
+    restored after.
+    """
+    if allow_tf32:
+        yield
+        return
+    matmul = torch.get_float32_matmul_precision()
+    cudnn_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    if matmul != "highest":
+        torch.set_float32_matmul_precision("highest")
+    if cudnn_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = True
+        if matmul != "highest":
+            torch.set_float32_matmul_precision(matmul)
+
+
+class ForwardContext:
+    """How hesd runs the model: mode, BatchNorm form, attention kernel, precision, autocast.
+
+    Args:
+        model: the network.
+        model_mode: ``"eval"`` or ``"train"``.
+        eval_batchnorm: ``"affine"`` or ``"native"`` (see :class:`hesd.HessianOperator`).
+        allow_tf32: let float32 products round to TensorFloat-32.
+        autocast_dtype: run forward passes under ``torch.autocast`` in this dtype.
+        caller: the public function's name, for messages.
+
+    Raises:
+        HesdValueError: an unknown mode or BatchNorm form, or ``model_mode="train"`` with active
+            dropout (products would be random).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        model_mode: str = "eval",
+        eval_batchnorm: str = "affine",
+        allow_tf32: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        caller: str = "HessianOperator",
+    ) -> None:
+        check_choice(model_mode, ("eval", "train"), "model_mode", caller)
+        check_choice(eval_batchnorm, ("affine", "native"), "eval_batchnorm", caller)
+        if model_mode == "train":
+            drop = [n for n, m in model.named_modules() if isinstance(m, DROPOUT_TYPES) and m.p > 0]
+            if drop:
+                raise HesdValueError(
+                    f"{caller}: model_mode='train' with active dropout {drop} makes Hessian-vector products random; "
+                    "use model_mode='eval' or set the dropout probability to 0"
+                )
+        self.model = model
+        self.model_mode = model_mode
+        self.eval_batchnorm = eval_batchnorm
+        self.allow_tf32 = bool(allow_tf32)
+        self.autocast_dtype = autocast_dtype
+        self.affine_batchnorm = (
+            eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
+        )
+
+    @contextmanager
+    def state(self) -> Iterator[None]:
+        """The model in ``model_mode`` (restored after) and, if chosen, BatchNorm as its affine map."""
+        with model_state(self.model, self.model_mode), affine_eval_batchnorm(self.affine_batchnorm):
+            yield
+
+    def precision(self, device: torch.device) -> Any:
+        """Full float32 precision inside products, unless ``allow_tf32``."""
+        return float32_precision(self.allow_tf32, device)
+
+    def autocast(self, device: torch.device) -> Any:
+        """``torch.autocast`` in ``autocast_dtype`` for one forward pass, or a context that does nothing."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
