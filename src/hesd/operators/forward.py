@@ -8,7 +8,15 @@
   (``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` is not differentiable in
   torch 2.13);
 * full float32 precision (no TensorFloat-32) unless allowed;
-* optionally ``torch.autocast`` for the forward pass only.
+* optionally ``torch.autocast`` for the forward pass only;
+* recurrent layers (``nn.RNN``/``GRU``/``LSTM``) on PyTorch's native kernels where the fused
+  ones lack a derivative: on a GPU cuDNN's RNN backward runs only in training mode ("cudnn RNN
+  backward can only be called in training mode"), and on the CPU oneDNN's ``mkldnn_rnn_layer``
+  (a float32 LSTM) has no forward-mode derivative. The native kernels compute the same function.
+
+Forward-over-reverse products enter :meth:`ForwardContext.functional` as well: the losses whose
+forward-mode derivatives PyTorch lacks are evaluated by their definitions
+(:mod:`hesd.operators.rewrites`).
 
 Example:
     >>> import torch
@@ -35,8 +43,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..checks import check_choice
 from ..errors import HesdValueError
 from .batchnorm import affine_eval_batchnorm, has_running_stat_batchnorm
+from .rewrites import FunctionalSafeLosses
 
-__all__ = ["DROPOUT_TYPES", "ForwardContext", "float32_precision", "model_state"]
+__all__ = ["DROPOUT_TYPES", "ForwardContext", "backend_enabled", "float32_precision", "model_state"]
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -96,6 +105,17 @@ def float32_precision(allow_tf32: bool, device: torch.device) -> Iterator[None]:
             torch.set_float32_matmul_precision(matmul)
 
 
+@contextmanager
+def backend_enabled(backend: Any, enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn`` or ``torch.backends.mkldnn`` switched on or off inside the block."""
+    before = backend.enabled
+    backend.enabled = enabled
+    try:
+        yield
+    finally:
+        backend.enabled = before
+
+
 class ForwardContext:
     """How hesd runs the model: mode, BatchNorm form, attention kernel, precision, autocast.
 
@@ -139,11 +159,23 @@ class ForwardContext:
         self.affine_batchnorm = (
             eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         )
+        self.recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
 
     @contextmanager
     def state(self) -> Iterator[None]:
-        """The model in ``model_mode`` (restored after) and, if chosen, BatchNorm as its affine map."""
-        with model_state(self.model, self.model_mode), affine_eval_batchnorm(self.affine_batchnorm):
+        """The model in ``model_mode`` (restored after), BatchNorm as its affine map if chosen, RNNs native."""
+        on_gpu = self.recurrent and any(p.is_cuda for p in self.model.parameters())
+        with (
+            model_state(self.model, self.model_mode),
+            affine_eval_batchnorm(self.affine_batchnorm),
+            backend_enabled(torch.backends.cudnn, False) if on_gpu else nullcontext(),
+        ):
+            yield
+
+    @contextmanager
+    def functional(self) -> Iterator[None]:
+        """What forward-over-reverse adds: losses by definition, a float32 LSTM off oneDNN's fused kernel."""
+        with FunctionalSafeLosses(), backend_enabled(torch.backends.mkldnn, False) if self.recurrent else nullcontext():
             yield
 
     def precision(self, device: torch.device) -> Any:

@@ -24,6 +24,7 @@ Hessian of the loss over the concatenated data set whatever the batch sizes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,10 +43,12 @@ from .layout import ParameterLayout
 from .linear import LinearOperator
 from .loss import PairLoss
 from .products import PASSES
-from .support import batching_note, explain
+from .support import batching_note, derivative_gap, unsupported
 from .tuning import BlockMethodChoice, BlockWidthTrial
 
 __all__ = ["HessianOperator"]
+
+logger = logging.getLogger("hesd")
 
 _METHODS = ("auto", "graph", "double_backward", "func")
 
@@ -199,6 +202,7 @@ class HessianOperator(LinearOperator):
         )
         self.num_matvecs = 0
         self.state: FirstOrderState | None = None
+        self._functional_only = False  # set when PyTorch cannot double-differentiate the model
 
     # ------------------------------------------------------------------ settings, as given
     @property
@@ -325,16 +329,35 @@ class HessianOperator(LinearOperator):
 
     # ------------------------------------------------------------------ products
     def _pass(self, method: str, V: torch.Tensor, width: int) -> torch.Tensor:
-        """One pass over the data by ``method``; a missing second derivative becomes a clear error."""
+        """One pass over the data by ``method``; a missing derivative becomes a clear error.
+
+        With ``hvp_method="auto"``, a model that PyTorch cannot double-differentiate (``ctc_loss``)
+        moves to forward-over-reverse for good, where that works.
+        """
         assert self.state is not None
+        if self._functional_only:
+            method = "func"
         try:
             return PASSES[method](self.state, self.objective, V, width)
         except RuntimeError as exc:
-            if width == 1 and not isinstance(exc, HesdError):
-                unsupported = explain(exc, self.hvp_method)
-                if unsupported is not None:
-                    raise unsupported from exc
-            raise
+            gap = None if isinstance(exc, HesdError) else derivative_gap(exc)
+            if gap is None or (self.hvp_method == "auto" and method == "func" and not self._functional_only):
+                raise  # not a derivative gap, or auto's block-method choice timing vmap: it takes the graph
+            if not (gap.kind == "second" and self.hvp_method == "auto" and self.model_mode == "eval"):
+                raise unsupported([gap], self.hvp_method) from exc
+            try:
+                out = PASSES["func"](self.state, self.objective, V, width)
+            except RuntimeError as again:
+                other = None if isinstance(again, HesdError) else derivative_gap(again)
+                if other is None:
+                    raise
+                raise unsupported([gap, other], self.hvp_method) from again
+            self._functional_only = True
+            logger.warning(
+                "hesd: %s; this operator uses forward-over-reverse products (hvp_method='func') from now on.",
+                gap.describe(),
+            )
+            return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._ensure_prepared()

@@ -28,7 +28,6 @@ import torch
 from .first_order import FirstOrderState, Objective, flat_graph
 from .layout import ParameterLayout
 from .loss import LossBatch
-from .rewrites import FunctionalSafeLosses
 
 __all__ = [
     "PASSES",
@@ -137,11 +136,11 @@ def graph_pass(state: FirstOrderState, objective: Objective, V: torch.Tensor, wi
 def func_pass(state: FirstOrderState, objective: Objective, V: torch.Tensor, width: int) -> torch.Tensor:
     """:math:`HV` by forward-over-reverse, every batch recomputed (no kept graph).
 
-    Losses whose forward-mode derivative PyTorch lacks are evaluated by their definitions
-    (:mod:`hesd.operators.rewrites`).
+    Inside :meth:`~hesd.operators.forward.ForwardContext.functional`: losses and kernels whose
+    forward-mode derivative PyTorch lacks are replaced by equivalents that have one.
     """
     out = None
-    with objective.forward.state(), torch.enable_grad(), FunctionalSafeLosses():
+    with objective.forward.state(), objective.forward.functional(), torch.enable_grad():
         for index, batch in enumerate(objective.batches()):
             w = objective.contract.weight(batch.count, state.total)
             out = forward_over_reverse_product(objective, batch, index, V, w, width, out)

@@ -7,19 +7,24 @@ and reported where they bite:
   ``vmap``). A batched product that fails falls back to exact one-column products, once per
   operator, with one logged note (:func:`batching_note`) naming the layer types listed in
   :data:`BATCHING_GAPS`.
-* **Second derivatives at all.** :func:`explain` turns PyTorch's message into an
-  :class:`hesd.errors.UnsupportedModelError` naming the operation and what to do.
+* **Derivatives at all.** Some operations have no second derivative (``ctc_loss``,
+  ``multi_margin_loss``, ``embedding_bag`` with ``mode="max"``), others no forward-mode one
+  (``grid_sample``; a float32 LSTM on oneDNN, which hesd avoids). :func:`derivative_gap` reads
+  PyTorch's message; with ``hvp_method="auto"`` a model without a double backward moves to
+  forward-over-reverse, and when no method works :func:`unsupported` says which operation and
+  what to do, as an :class:`hesd.errors.UnsupportedModelError`.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["BATCHING_GAPS", "batching_note", "explain"]
+__all__ = ["BATCHING_GAPS", "DerivativeGap", "batching_note", "derivative_gap", "unsupported"]
 
 #: Layer types whose second derivative has no working batching rule in PyTorch 2.13, with the cause.
 BATCHING_GAPS: dict[type[nn.Module], str] = {
@@ -55,31 +60,67 @@ def batching_note(model: nn.Module, exc: BaseException, fallback: str = "columns
     return f"hesd: batched double backward over several columns failed for {where}. PyTorch said: {first}. {instead}."
 
 
-_NO_DERIVATIVE = re.compile(
-    r"derivative for (?P<op>[\w:.']+) is not implemented|(?P<op2>[\w:.]+) (?:is|are) not differentiable"
-    r"|(?P<op3>cudnn RNN backward) can only be called in training mode"
-    r"|forward AD with (?P<op4>[\w:.]+) that does not support it"
-    r"|(?P<op5>ZeroTensors are immutable)",
-    re.IGNORECASE,
+_GAPS = (
+    (re.compile(r"derivative for '?(?P<op>[\w:.]+)'? is not implemented", re.IGNORECASE), "second"),
+    (re.compile(r"(?P<op>cudnn RNN backward) can only be called in training mode", re.IGNORECASE), "second"),
+    (re.compile(r"forward AD with (?P<op>[\w:.]+) that does not support it", re.IGNORECASE), "forward"),
+    (re.compile(r"(?P<op>ZeroTensors are immutable)", re.IGNORECASE), "forward"),
 )
 
 
-def explain(exc: BaseException, hvp_method: str) -> UnsupportedModelError | None:
-    """An :class:`~hesd.errors.UnsupportedModelError` for a failed second derivative, or ``None``.
+@dataclass(frozen=True)
+class DerivativeGap:
+    """An operation PyTorch cannot differentiate the way a product method needs.
 
-    ``None`` when the message is not one of PyTorch's "no derivative" messages: the caller
-    re-raises the original error.
+    Attributes:
+        op: the operation PyTorch names.
+        kind: ``"second"`` (no double backward: ``"graph"``/``"double_backward"`` products) or
+            ``"forward"`` (no forward-mode derivative: ``"func"`` products).
+        said: PyTorch's message, first line.
     """
-    match = _NO_DERIVATIVE.search(str(exc))
-    if match is None:
-        return None
-    op = next((g for g in match.groups() if g), "an operation").strip("'")
-    if op.lower().startswith("zerotensors"):
-        op = "a forward-mode derivative formula that writes into a zero tangent (a PyTorch bug)"
-    other = "hvp_method='func'" if hvp_method != "func" else "hvp_method='double_backward'"
+
+    op: str
+    kind: str
+    said: str
+
+    def describe(self) -> str:
+        """One clause for a message."""
+        if self.op.lower().startswith("zerotensors"):
+            what = "a forward-mode derivative formula that writes into a zero tangent (a PyTorch bug)"
+            return f"forward-over-reverse fails in {what}"
+        if self.kind == "forward":
+            return f"PyTorch has no forward-mode derivative for {self.op}, which forward-over-reverse needs"
+        return f"PyTorch has no second derivative for {self.op}, which double backward needs"
+
+
+def derivative_gap(exc: BaseException) -> DerivativeGap | None:
+    """The :class:`DerivativeGap` behind ``exc``, or ``None`` when it is another kind of error."""
+    text = str(exc)
+    for pattern, kind in _GAPS:
+        match = pattern.search(text)
+        if match is not None:
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            return DerivativeGap(match.group("op"), kind, first)
+    return None
+
+
+def unsupported(gaps: list[DerivativeGap], hvp_method: str) -> UnsupportedModelError:
+    """The error for a model whose Hessian-vector products PyTorch cannot take by the methods tried."""
+    detail = "; ".join(f"{g.describe()} (PyTorch said: {g.said})" for g in gaps)
+    tried = {g.kind for g in gaps}
+    if tried == {"second", "forward"}:
+        advice = (
+            "Neither product method can pass through it: restrict the Hessian to parameters that come after "
+            "that operation (params=[...]) or replace it by a twice-differentiable equivalent"
+        )
+    elif tried == {"second"}:
+        advice = (
+            "Try hvp_method='func' (forward-over-reverse), or restrict the Hessian to parameters after that "
+            "operation (params=[...])"
+        )
+    else:
+        advice = "Use hvp_method='double_backward' (or 'auto'), or restrict the Hessian (params=[...])"
     return UnsupportedModelError(
-        f"HessianOperator: PyTorch cannot take the second derivative through {op} (it said: "
-        f"{str(exc).strip().splitlines()[0]}). Hessian-vector products need it. Try {other}; or restrict the "
-        "Hessian to parameters before that operation (params=[...]); or replace the layer by a twice-"
-        "differentiable equivalent (a fused attention or RNN kernel by its math form)"
+        f"HessianOperator(hvp_method={hvp_method!r}): Hessian-vector products cannot be taken for this model: "
+        f"{detail}. {advice}"
     )
