@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 EXTRAS ?= dev
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint typecheck docs check bench clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -27,9 +27,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The checks CI runs beside the tests: lint and format (ruff, docstring rules on src/), types (mypy on
+# src/), and the API reference built from the docstrings with warnings as errors (Sphinx, not published).
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
+
+typecheck: setup
+	$(BIN)/mypy
+
+docs: setup
+	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs build/docs
+
+check: lint typecheck docs
 
 # The competitors (PyHessian, curvlinops, hessian-eigenthings) are the `bench` extra, never a runtime
 # dependency. curvlinops pulls torchvision through backpack-for-pytorch; hesd does not use it and
@@ -42,4 +52,4 @@ bench: setup
 	$(BIN)/python benchmarks/distributed.py
 
 clean:
-	rm -rf $(VENV) hesd-demo .pytest_cache
+	rm -rf $(VENV) hesd-demo .pytest_cache build

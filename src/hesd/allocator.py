@@ -3,13 +3,10 @@
 A product on the CPU allocates and frees hundreds of MB of temporaries (a ResNet-20 product on
 a batch of 128: activations of 8 MB each, dozens of them). With glibc's defaults, blocks over
 the mmap threshold are mapped and unmapped every time, and freed heap memory above 128 KB is
-trimmed, so every product page-faults its memory back in (zeroed by the kernel). Measured on
-the 2-core development machine (``benchmarks/allocator.py``, ``BENCHMARKS.md`` §4), top-5 of a
-trained ResNet-20 in a fresh process: 4.4–5.8 s of system time with the defaults, 0.55–0.9 s
-with the settings below; the first three products took 0.51–0.84 s instead of 0.35–0.52 s, and
-later products gained 0–15 %. PyTorch's CPU performance guide recommends jemalloc or tcmalloc
-for the same reason; these three ``mallopt`` settings get the effect without a preloaded
-library.
+trimmed, so every product page-faults its memory back in (zeroed by the kernel); the cost in
+system time is measured by ``benchmarks/allocator.py`` (BENCHMARKS.md §4). PyTorch's CPU
+performance guide recommends jemalloc or tcmalloc for the same reason; these three ``mallopt``
+settings get the effect without a preloaded library.
 
 The settings apply to the whole process, so the library never makes them by itself: the
 ``hesd`` command line calls :func:`tune_cpu_allocator` at start-up (``HESD_TUNE_ALLOCATOR=0``
@@ -49,7 +46,7 @@ def tune_cpu_allocator() -> bool:
         ``True`` if all three settings were accepted; ``False`` where there is no glibc
         (macOS, Windows, musl), where nothing is changed.
 
-    Example:
+    Examples:
         >>> import hesd
         >>> isinstance(hesd.tune_cpu_allocator(), bool)
         True

@@ -4,7 +4,7 @@ Each check returns the value it accepted and raises a :class:`hesd.errors.HesdVa
 :class:`~hesd.errors.HesdTypeError`) whose message starts with the public function's name, as
 the user wrote the call.
 
-Example:
+Examples:
     >>> from hesd.checks import check_choice
     >>> check_choice("full", ("full", "window", "none"), "reorth", "slq")
     'full'

@@ -6,7 +6,7 @@ built-in (``ValueError``, ``TypeError``, ``FileNotFoundError``, ``PermissionErro
 hesd.HesdError`` catches everything hesd refuses, ``except ValueError`` keeps working. Messages
 name the function, the problem and the fix.
 
-Example:
+Examples:
     >>> import torch, hesd
     >>> try:
     ...     hesd.slq(torch.eye(3, dtype=torch.float64), num_steps=0)

@@ -72,6 +72,7 @@ class DigitsMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
         return self.net(x)
 
 
@@ -92,6 +93,7 @@ class DigitsCNN(nn.Module):
         self.head = nn.Linear(2 * c * 16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
         return self.head(self.features(x).flatten(1))
 
 
@@ -112,6 +114,7 @@ class TinyViT(nn.Module):
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
         p = self.patch
         b = x.shape[0]
         patches = x.unfold(2, p, p).unfold(3, p, p).reshape(b, -1, p * p)
@@ -149,6 +152,7 @@ class _BasicBlock(nn.Module):
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
 
@@ -171,6 +175,7 @@ class ResNet20(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
         out = self.layers(torch.relu(self.bn(self.conv(x))))
         return self.fc(out.mean(dim=(2, 3)))
 

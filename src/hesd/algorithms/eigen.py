@@ -77,9 +77,9 @@ def eigenvalues(
     is at most ``tol · max|θ|``. By Weyl's bound an eigenvalue of :math:`A` then lies within
     :math:`r_i` of each :math:`\theta_i`: a guarantee, usually far tighter than needed (the
     eigenvalue error is of order :math:`r_i^2/\text{gap}`). A stopping rule on the estimate
-    :math:`r_i^2/\delta_i`, with :math:`\delta_i` the gap to the nearest other Ritz value,
-    was tried and dropped: on a trained ResNet-20 it stopped at 11 instead of 14 products
-    with a 1.9e-3 error for ``tol=1e-3``, because unconverged Ritz values overstate the gap.
+    :math:`r_i^2/\delta_i` (:math:`\delta_i` the gap to the nearest other Ritz value) is not
+    used: unconverged Ritz values overstate the gap, and it stopped short of ``tol``
+    (BENCHMARKS.md §5).
 
     Args:
         A: symmetric operator (:class:`hesd.HessianOperator`, tensor, SciPy operator).
@@ -98,19 +98,17 @@ def eigenvalues(
             :math:`z/\|z\| + d/\|d\|` with :math:`z` random and :math:`d` the operator's
             :meth:`~hesd.operators.LinearOperator.start_direction` (the loss gradient for a
             :class:`hesd.HessianOperator`; plain matrices have none). The gradient of a trained
-            network lies mostly in its top eigenvectors' span, so Lanczos starts closer to them:
-            top-5 to ``tol=1e-3`` took 11–12 products instead of 13–16 on a trained ResNet-20 and
-            11–12 instead of 13 on the trained digits MLP, and 35 instead of 35–40 and 27–28
-            instead of 26–29 at initialisation (3 seeds each, the same accuracy). The random half
-            keeps every eigenvector's overlap with the start vector, so nothing is missed that a
-            random start would find, and the stopping test (residuals) is unchanged. ``False``:
-            a random start only. ``"SA"`` always starts at random.
+            network lies mostly in its top eigenvectors' span, so Lanczos starts closer to them
+            (fewer products to the same residuals, BENCHMARKS.md §5). The random half keeps every
+            eigenvector's overlap with the start vector, so nothing is missed that a random start
+            would find, and the stopping test (residuals) is unchanged. ``False``: a random start
+            only. ``"SA"`` always starts at random.
         warn: warn when not converged.
 
     Returns:
         :class:`hesd.algorithms.EigenResult`.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
         >>> hesd.eigenvalues(A, k=2, which="BE").eigenvalues.round(decimals=6).tolist()

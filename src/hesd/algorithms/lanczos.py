@@ -9,7 +9,7 @@ that one operator call multiplies a block of vectors. :func:`hesd.eigenvalues`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ __all__ = ["LanczosResult", "lanczos", "lanczos_lockstep"]
 
 @dataclass
 class LanczosResult:
-    """Output of :func:`lanczos`.
+    r"""Output of :func:`lanczos`.
 
     Attributes:
         alpha: ``(m,)`` diagonal of the tridiagonal, float64 on the CPU.
@@ -67,8 +67,10 @@ class _Basis:
 
     @property
     def exact(self) -> bool:
-        """Whether every basis vector is stored exactly (full, in the operator's dtype and device):
-        then :meth:`project` can take the recurrence coefficients from the projection itself."""
+        """Whether every basis vector is stored exactly (full, in the operator's dtype and device).
+
+        Then :meth:`project` can take the recurrence coefficients from the projection itself.
+        """
         return self.reorth == "full" and self.dtype == self.op_dtype and self.device == self.op_device
 
     def orthogonalise(self, W: torch.Tensor) -> torch.Tensor:
@@ -100,20 +102,14 @@ class _Basis:
         :math:`\epsilon\|A\|/\beta_j`, at most about 1 % while :math:`\beta_j` is above the
         breakdown threshold :math:`100\,\epsilon\,\|T\|`, so one full pass restores
         orthogonality to rounding ("twice is enough" needs a nearly orthogonal input, not a
-        full first pass). Measured on 400-dimensional spectra with outliers, clusters, a
-        geometric decay and near-low rank, in float32 and float64, 200 steps: the basis stays
-        orthonormal to the same :math:`2\cdot10^{-7}` / :math:`2\cdot10^{-15}` as two full
-        passes, while a single full pass loses orthogonality completely.
+        full first pass; ``tests/algorithms`` checks the orthogonality on hard float32 spectra).
 
-        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations.
-        With a free operator (``benchmarks/profile_hesd.py --task lanczos``), 100 steps cost
-        89 instead of 111 µs a step at the digits MLP's 3466 parameters and 5.2 instead of
-        10.3 ms at ResNet-20's 0.27 M (``benchmarks/results/cpu/lanczos_step.txt``). Next to a
-        real product the gain mostly vanishes: the product evicts the basis from the cache,
-        and the first read, which both forms make, is what a step pays.
+        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations
+        (``benchmarks/profile_hesd.py --task lanczos``; BENCHMARKS.md §5).
 
         Returns the orthogonalised ``W`` and ``alpha``.
         """
+        assert self.store is not None  # project() runs only with a full basis (exact)
         Q = self.store[:, : self.count]
         local = Q[:, -2:]  # q_{j-1}, q_j: the only directions with O(1) components in A q_j
         W3 = W.unsqueeze(2)
@@ -167,7 +163,7 @@ def lanczos(
     Returns:
         :class:`LanczosResult` with float64 coefficients.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
         >>> r = hesd.algorithms.lanczos(A, torch.ones(3, dtype=torch.float64), 3)
@@ -204,7 +200,7 @@ def lanczos_lockstep(
     basis_device: str | torch.device | None = None,
     breakdown_tol: float | None = None,
     callback: Callable[[int, int], None] | None = None,
-    should_stop: list[Callable[[list[float], list[float]], bool] | None] | None = None,
+    should_stop: Sequence[Callable[[list[float], list[float]], bool] | None] | None = None,
 ) -> list[LanczosResult]:
     r"""Run independent Lanczos recurrences from the ``b`` columns of ``V0`` in lockstep.
 
@@ -216,8 +212,13 @@ def lanczos_lockstep(
     breaks down or whose ``should_stop`` fires leaves the block; the others go on.
 
     Args:
-        A, num_steps, reorth, window, basis_dtype, basis_device, breakdown_tol: as for
-            :func:`lanczos` (the basis memory is ``b`` times that of one recurrence).
+        A: symmetric operator, tensor or SciPy operator.
+        num_steps: Lanczos steps per recurrence.
+        reorth: as for :func:`lanczos`.
+        window: as for :func:`lanczos`.
+        basis_dtype: as for :func:`lanczos` (the basis memory is ``b`` times that of one recurrence).
+        basis_device: as for :func:`lanczos`.
+        breakdown_tol: as for :func:`lanczos`.
         V0: ``(n, b)`` start vectors, one per column (each normalised here).
         callback: ``callback(column, step)`` after each step of each recurrence.
         should_stop: one ``should_stop(alphas, betas)`` (or ``None``) per column.
@@ -232,7 +233,7 @@ def lanczos_lockstep(
     if reorth not in ("full", "window", "none"):
         raise HesdValueError(f"{caller}: reorth must be 'full', 'window' or 'none', got {reorth!r}")
     if reorth == "window":
-        check_positive_int(window, "window", caller)  # type: ignore[arg-type]
+        check_positive_int(window, "window", caller)
     if V0.dim() != 2 or V0.shape[0] != n or V0.shape[1] == 0:
         raise HesdValueError(f"{caller}: V0 must have shape ({n}, b) with b >= 1, got {tuple(V0.shape)}")
     b = V0.shape[1]

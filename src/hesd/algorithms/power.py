@@ -47,7 +47,7 @@ def power_iteration(
     Returns:
         :class:`hesd.algorithms.EigenResult` (eigenvalues in the order found, eigenvectors included).
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> A = torch.diag(torch.tensor([1.0, -5.0, 3.0], dtype=torch.float64))
         >>> hesd.power_iteration(A, k=2, tol=1e-8).eigenvalues.round(decimals=6).tolist()

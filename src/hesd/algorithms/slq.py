@@ -140,7 +140,8 @@ def slq(
             two consecutive checks, none of them moved by more than ``stop_tol`` (relative to
             the spectral range for λmin and λmax, absolute for the criteria). ``num_steps``
             is then the cap. ``None`` (default): always ``num_steps`` steps.
-        check_every, min_steps: the adaptive schedule.
+        check_every: the adaptive mode checks every this many steps.
+        min_steps: and not before this many.
         stop_on: ``stop_on(ritz_values, weights) -> array`` of the quantities that must settle;
             its first two entries are treated as λmin, λmax (compared relative to the range),
             the rest absolutely. Default: λmin and λmax only.
@@ -159,7 +160,7 @@ def slq(
         breakdown) stops early; its Ritz values are then exact eigenvalues and its
         ``broke_down`` flag is set.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> A = torch.diag(torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float64))
         >>> spec = hesd.slq(A, num_steps=4, num_probes=2, seed=0)

@@ -36,7 +36,7 @@ class Spectrum:
         num_matvecs: operator products used.
         info: free-form settings (steps, reorthogonalisation, seed).
 
-    Example:
+    Examples:
         >>> import numpy as np, hesd
         >>> s = hesd.Spectrum.from_ritz([[-1.0, 2.0, 5.0]], [[0.2, 0.3, 0.5]], dim=10)
         >>> s.lambda_min, s.lambda_max, round(s.trace, 6)
@@ -66,8 +66,8 @@ class Spectrum:
             weights: matching quadrature weights.
             dim: the operator's dimension, for trace estimates.
         """
-        vals = list(values)
-        wts = list(weights)
+        vals: list[Any] = list(values)
+        wts: list[Any] = list(weights)
         if vals and np.ndim(vals[0]) == 0:
             vals, wts = [vals], [wts]
         if len(vals) != len(wts) or not vals:
@@ -90,6 +90,7 @@ class Spectrum:
 
     @property
     def num_probes(self) -> int:
+        """Number of probes."""
         return len(self.values)
 
     @property
@@ -112,7 +113,7 @@ class Spectrum:
 
     @property
     def trace(self) -> float:
-        """SLQ trace estimate :math:`n \\cdot \\mathbb{E}[\\sum_i w_i \\theta_i]` (needs ``dim``)."""
+        r"""SLQ trace estimate :math:`n \\cdot \\mathbb{E}[\\sum_i w_i \\theta_i]` (needs ``dim``)."""
         if self.dim is None:
             raise HesdValueError("Spectrum.trace: the dimension is unknown; pass dim= to Spectrum.from_ritz")
         return self.dim * self.moment(1)
@@ -162,6 +163,7 @@ class Spectrum:
 
     @classmethod
     def from_dict(cls, d: dict) -> Spectrum:
+        """The spectrum stored by :meth:`to_dict`."""
         s = cls.from_ritz(d["values"], d["weights"], dim=d.get("dim"))
         s.broke_down = list(d.get("broke_down", s.broke_down))
         s.num_matvecs = int(d.get("num_matvecs", 0))

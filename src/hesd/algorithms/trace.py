@@ -66,13 +66,9 @@ def trace(
     The smaller wins. The choice depends on the sketch only and each branch then uses fresh,
     independent probes, so the estimate stays unbiased (the sketch's quadratic forms are not
     reused: the choice depends on them). A sketch of :math:`s \ge n` columns spans the space,
-    and Hutch++ is then exact: it is chosen. Measured on the digits MLP's dense float64
-    Hessian, 60 products, seeds 0–199: at initialisation the deflation leaves 88–94 % of the
-    energy and ``"auto"`` chose Hutchinson 197 times in 200 (RMS error 0.73, against Hutch++'s
-    0.93 and Hutchinson's 0.62 with all 60 products); trained, it leaves 3–8 % and ``"auto"``
-    was Hutch++, with equal results, every time (0.17, against Hutchinson's 0.60). The 20
-    sketch products that the Hutchinson branch cannot reuse are the price: on a flat spectrum
-    ``"auto"`` needs about 1.4× Hutchinson's products for the same error, Hutch++ 2.2×.
+    and Hutch++ is then exact: it is chosen. The sketch products that the Hutchinson branch cannot
+    reuse are the price on a flat spectrum (a network at initialisation); BENCHMARKS.md §5 has the
+    error over 200 seeds at initialisation and trained.
 
     Args:
         A: symmetric operator, tensor or SciPy operator.
@@ -88,7 +84,7 @@ def trace(
         :math:`\|y_i\|^2`, the share of the energy deflation leaves) and the two predicted
         variances.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> r = hesd.trace(A, method="hutchinson", num_matvecs=10)
@@ -127,8 +123,7 @@ def trace(
 
 
 def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, info=None) -> TraceResult:
-    """Hutchinson with ``count`` Rademacher probes (stream ``seed`` from ``offset``); ``total``
-    products in all."""
+    """Hutchinson with ``count`` Rademacher probes (stream ``seed`` from ``offset``), ``total`` products in all."""
     Z = rademacher(op.shape[0], count, seed, op.dtype, op.device, offset=offset)
     samples = (Z * _apply(op, Z, chunk)).sum(dim=0).to(torch.float64).cpu()
     se = float(samples.std(unbiased=True) / math.sqrt(count)) if count > 1 else math.inf

@@ -36,7 +36,9 @@ def analyze_blocks(
     """The HESD of each diagonal block of the Hessian (one per layer or group of parameters).
 
     Args:
-        model, data, loss_fn: as for :func:`hesd.analyze_model`.
+        model: as for :func:`hesd.analyze_model`.
+        data: as for :func:`hesd.analyze_model`.
+        loss_fn: as for :func:`hesd.analyze_model`.
         blocks: block name → ``fnmatch`` patterns of parameter names; default
             :func:`default_blocks` (top-level sub-modules).
         settings: :class:`hesd.AnalysisSettings` (its ``params`` is replaced per block).
@@ -44,7 +46,7 @@ def analyze_blocks(
     Returns:
         One row per block: parameters, λmin, λmax, re, KH05, Ct, HESD type.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> from hesd.analysis import analyze_blocks
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))

@@ -48,6 +48,7 @@ class CheckpointInfo:
 
     @property
     def name(self) -> str:
+        """The file name."""
         return self.path.name
 
 

@@ -101,7 +101,7 @@ def _stats(x: np.ndarray) -> tuple[float, float, float]:
 
 @dataclass
 class Criteria:
-    """Criteria of one spectrum. Spreads are across probes (std, and standard error of the mean).
+    r"""Criteria of one spectrum. Spreads are across probes (std, and standard error of the mean).
 
     Attributes:
         re, re_std, re_se: :math:`r_e`.
@@ -145,9 +145,11 @@ class Criteria:
 
     @property
     def is_mp(self) -> bool:
+        """Whether the HESD is mainly positive (curvature analysis applies)."""
         return self.hesd_type == "MP"
 
     def to_dict(self, per_probe: bool = False) -> dict:
+        """The criteria as a row's keys (``per_probe``: with the per-probe lists)."""
         d = asdict(self)
         if not per_probe:
             d.pop("per_probe")
@@ -173,7 +175,7 @@ def criteria(
         zero_band: half-width of the band around zero, relative to ``lambda_max``, for ``zero_mass``.
         lr: the optimiser's learning rate, for ``eos_ratio``.
 
-    Example:
+    Examples:
         >>> import hesd
         >>> s = hesd.Spectrum.from_ritz([[-0.5, 0.1, 2.0]], [[0.25, 0.5, 0.25]])
         >>> c = hesd.criteria(s)

@@ -71,7 +71,9 @@ def loss_landscape(
     r"""1-D and 2-D slices of the mean loss along the top-2 Hessian eigenvectors and 2 random directions.
 
     Args:
-        model, loss_fn, data: as for :class:`hesd.HessianOperator`.
+        model: as for :class:`hesd.HessianOperator`.
+        loss_fn: as for :class:`hesd.HessianOperator`.
+        data: as for :class:`hesd.HessianOperator`.
         num: points per 1-D slice.
         num_2d: points per side of the 2-D grids.
         delta: the eigen-direction range is :math:`|t| \le \sqrt{2\,\delta/\lambda_1}`, where the
@@ -91,6 +93,7 @@ def loss_landscape(
     layout = op.layout
     names = layout.names
     base = layout.values()
+    assert top.eigenvectors is not None  # asked for
     eig_dirs = [layout.as_dict(layout.unflatten(top.eigenvectors[:, i])) for i in range(2)]
     rand_dirs = [filter_normalized_direction(base, seed + 1 + i) for i in range(2)]
     data = as_reiterable(data, "loss_landscape")

@@ -68,7 +68,7 @@ def analyze_model(
         gradient norm, held-out metrics, HVP count and time; ``spectrum`` is the SLQ
         :class:`hesd.Spectrum`.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -106,7 +106,8 @@ def analyze_model(
         row["stable_step"] = 2.0 / hi if hi > 0 else math.inf
         if s.lr is not None:
             row["eos_ratio"] = s.lr * hi / 2
-    per_probe_trace = [spec.dim * float(np.sum(w * v)) for v, w in zip(spec.values, spec.weights, strict=True)]
+    dim = spec.dim if spec.dim is not None else op.shape[0]
+    per_probe_trace = [dim * float(np.sum(w * v)) for v, w in zip(spec.values, spec.weights, strict=True)]
     row["trace"] = float(np.mean(per_probe_trace))
     row["trace_se"] = float(np.std(per_probe_trace, ddof=1) / math.sqrt(len(per_probe_trace))) \
         if len(per_probe_trace) > 1 else math.nan  # fmt: skip

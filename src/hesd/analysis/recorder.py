@@ -5,7 +5,7 @@ their rows in a :class:`SeriesRecorder`: each new row is stored atomically (when
 results folder) and ``results.csv``, ``results.json`` and ``selection.json`` are rebuilt, so
 what is on disk always follows the last finished checkpoint.
 
-Example:
+Examples:
     >>> import hesd
     >>> from hesd.analysis.recorder import SeriesRecorder
     >>> from hesd.analysis.rows import RowIdentity

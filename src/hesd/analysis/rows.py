@@ -5,7 +5,7 @@ callback) becomes one row: a JSON-ready dict whose keys are the :data:`COLUMNS` 
 extras such as the stored spectrum, or ``heldout_*`` metrics a user's ``evaluate`` returns).
 Interfaces show named subsets of them (:data:`VIEWS`); nothing else lists column names.
 
-Example:
+Examples:
     >>> from hesd.analysis.rows import RowIdentity, VIEWS
     >>> RowIdentity("runs/epoch_3.pt", "epoch_3.pt", 3).failed("CheckpointError: corrupt")["status"]
     'failed'

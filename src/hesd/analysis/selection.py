@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -64,7 +65,7 @@ class QSRule:
         self, lambda_max: Sequence[float], width: Sequence[float], spectra: Sequence[Spectrum]
     ) -> list[dict[str, float | bool | str]]:
         """Per checkpoint (in series order): the QS quantities, the flag and the reason."""
-        out = []
+        out: list[dict[str, float | bool | str]] = []
         peak_l, peak_w = -math.inf, -math.inf
         for lmax, wid, spec in zip(lambda_max, width, spectra, strict=True):
             peak_l, peak_w = max(peak_l, lmax), max(peak_w, wid)
@@ -109,12 +110,14 @@ class SelectionRule:
         self.skip_initial = skip_initial
 
     def candidates(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The rows a rule may pick: analysed ones, without the initial checkpoint if so set."""
         t = table[table["status"] == "ok"] if "status" in table else table
         if self.skip_initial and "epoch" in t:
             t = t[~(t["epoch"] == 0)]
         return t
 
     def select(self, table: pd.DataFrame) -> Selection:  # pragma: no cover - abstract
+        """The rule's pick from ``table`` and the reason for it."""
         raise NotImplementedError
 
     @staticmethod
@@ -146,6 +149,7 @@ class HighestCtAmongMP(SelectionRule):
         self.exclude_qs = exclude_qs
 
     def select(self, table: pd.DataFrame) -> Selection:
+        """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
         if t.empty:
             return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
@@ -171,10 +175,11 @@ class SmallestLambdaMax(SelectionRule):
     name = "smallest_lambda_max"
 
     def select(self, table: pd.DataFrame) -> Selection:
+        """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
         if t.empty:
             return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
-        row = t.loc[t["lambda_max"].idxmin()]
+        row = t.iloc[int(np.argmin(t["lambda_max"].to_numpy(dtype=float)))]
         return self._pick(self.name, row, f"smallest λmax = {row['lambda_max']:.5g} of {len(t)} checkpoints")
 
 
@@ -190,6 +195,7 @@ class BestHeldout(SelectionRule):
         self.metric, self.mode = metric, mode
 
     def select(self, table: pd.DataFrame) -> Selection:
+        """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
         if self.metric not in t or t[self.metric].isna().all():
             return Selection(self.name, None, None, f"no {self.metric} recorded (pass held-out data)")
@@ -214,7 +220,8 @@ def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str,
         best = float(np.nanmax(ok["heldout_accuracy"])) if len(ok) else None
     for rule in rules:
         sel = rule.select(table)
-        entry = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch, "reason": sel.reason}
+        entry: dict[str, Any] = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch,
+                                 "reason": sel.reason}  # fmt: skip
         if best is not None and sel.checkpoint is not None:
             acc = float(table.loc[table["checkpoint"] == sel.checkpoint, "heldout_accuracy"].iloc[0])
             entry["heldout_accuracy"] = acc

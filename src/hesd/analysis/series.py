@@ -23,14 +23,17 @@ from ..algorithms.spectrum import Spectrum
 from ..collectives import broadcast, consensus, rank_and_world, resolve_group
 from ..errors import CheckpointError, HesdError, HesdTypeError, HesdValueError
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
-from .model import analyze_model
+from .model import analyze_model as analyze_model
 from .recorder import SeriesRecorder
-from .rows import RowIdentity, build_table
+from .rows import RowIdentity
+from .rows import build_table as build_table
 from .selection import SelectionRule
-from .settings import AnalysisSettings
+from .settings import AnalysisSettings as AnalysisSettings
 from .store import ResultStore
 
-__all__ = ["AnalysisSettings", "CheckpointJob", "SeriesResult", "analyze_checkpoints", "analyze_model", "build_table"]
+# AnalysisSettings, analyze_model and build_table are importable from here as before; they are defined in
+# settings.py, model.py and rows.py.
+__all__ = ["CheckpointJob", "SeriesResult", "analyze_checkpoints"]
 
 #: errors that fail one checkpoint (recorded as a failed row) instead of the series
 CHECKPOINT_ERRORS = (HesdError, FileNotFoundError, ValueError, TypeError, RuntimeError)
@@ -107,7 +110,7 @@ def analyze_checkpoints(
         :class:`SeriesResult`. A checkpoint that fails (corrupt, mismatched, refused,
         non-finite loss) is recorded with ``status="failed"`` and its error; the others go on.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, hesd
         >>> from hesd.models import DigitsMLP, load_digits_tensors
         >>> X, y, Xh, yh = load_digits_tensors()

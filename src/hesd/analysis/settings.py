@@ -4,7 +4,7 @@
 written. The results store fingerprints them (results computed with other settings are never
 mixed) and the command line takes its defaults and help text from them.
 
-Example:
+Examples:
     >>> import hesd
     >>> s = hesd.AnalysisSettings(num_steps=40)
     >>> s.num_steps, s.num_probes, s.ct_threshold
@@ -99,6 +99,7 @@ class AnalysisSettings:
             raise HesdValueError(f"AnalysisSettings: ct_threshold must be ≤ 0, got {self.ct_threshold}")
 
     def to_dict(self) -> dict:
+        """The settings as plain JSON-ready values (the results store's fingerprint)."""
         d = asdict(self)
         d["qs"] = asdict(self.qs)
         return d
@@ -108,5 +109,5 @@ def default_of(name: str) -> Any:
     """The default value of the :class:`AnalysisSettings` field ``name`` (for the CLI's options)."""
     for f in fields(AnalysisSettings):
         if f.name == name:
-            return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            return f.default_factory() if callable(f.default_factory) else f.default
     raise KeyError(name)

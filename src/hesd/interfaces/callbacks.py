@@ -21,6 +21,7 @@ from .monitor import Monitor
 
 __all__ = ["HesdLightningCallback", "HesdTrainerCallback", "hf_logits_cross_entropy"]
 
+_pl: Any
 try:  # Lightning 2.x ships as `lightning`; older installs as `pytorch_lightning`
     import lightning.pytorch as _pl
 except ImportError:  # pragma: no cover - depends on the environment
@@ -29,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     except ImportError:
         _pl = None
 
+_HFCallback: Any
 try:
     from transformers import TrainerCallback as _HFCallback
 except ImportError:  # pragma: no cover - depends on the environment
@@ -89,10 +91,12 @@ if _pl is not None:
             self._init_monitor_args(data, out_dir, every_n_epochs, loss_fn, heldout, settings, tensorboard)
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
+            """Analyse after the epoch (rank 0), numbered as Lightning numbers epochs plus one."""
             if trainer.global_rank == 0:
                 self._monitor_for(pl_module).step(trainer.current_epoch + 1)
 
         def on_fit_end(self, trainer, pl_module) -> None:
+            """Write the landscape and the report (rank 0)."""
             if trainer.global_rank == 0 and self.monitor is not None:
                 self.monitor.finalize()
 
@@ -132,11 +136,13 @@ if _HFCallback is not None:
             self._init_monitor_args(data, out_dir, every_n_epochs, loss_fn, heldout, settings, tensorboard)
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            """Analyse after the epoch (main process)."""
             if state.is_world_process_zero and model is not None:
                 self._monitor_for(model).step(round(state.epoch or 0))
             return control
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
+            """Write the report (main process)."""
             if state.is_world_process_zero and self.monitor is not None:
                 self.monitor.finalize(landscape=False)
             return control

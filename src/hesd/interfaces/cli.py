@@ -67,8 +67,10 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the selections as JSON.")] = False,
 ) -> None:
-    """Train two short runs on the bundled digits data (SGD with momentum, and with aggressive gradient
-    clipping), analyse both checkpoint series and write the HTML report. No arguments needed."""
+    """Train two short runs on the bundled digits data, analyse both series and write the HTML report.
+
+    The runs are SGD with momentum, and the same with aggressive gradient clipping. No arguments needed.
+    """
     from .demo import run_demo
 
     try:
@@ -140,7 +142,8 @@ def analyze(
     """Analyse a series of checkpoints: HESD, criteria, type, QS flags and the checkpoint to keep.
 
     Writes OUT/results.csv (one row per checkpoint), results.json, selection.json and report.html.
-    Re-running the same command after an interruption resumes where it stopped."""
+    Re-running the same command after an interruption resumes where it stopped.
+    """
     import torch
 
     from ._common import Progress, call_factory, load_object, store_landscape
@@ -155,6 +158,7 @@ def analyze(
     if missing:
         fail(f"missing {', '.join(missing)}. Example: hesd analyze runs/*.pt --model mypkg.models:make_model "
               "--data mypkg.data:train_batches --out results")  # fmt: skip
+    assert out is not None and checkpoints is not None and model is not None and data is not None
     heldout = pick(heldout, cfg, "heldout", None)
     loss = pick(loss, cfg, "loss", None)
     try:

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -36,10 +36,11 @@ EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def tune_allocator() -> None:
-    """The command line owns its process, so it keeps glibc from returning memory to the OS
-    between Hessian-vector products (:func:`hesd.tune_cpu_allocator`: on the development machine
-    it cut a ResNet-20 top-5 run's system time from 4–6 s of page faults to under 1 s).
-    ``HESD_TUNE_ALLOCATOR=0`` leaves the allocator alone."""
+    """Keep glibc from returning memory to the OS between products (:func:`hesd.tune_cpu_allocator`).
+
+    The command line owns its process, so it may. ``HESD_TUNE_ALLOCATOR=0`` leaves the allocator
+    alone; BENCHMARKS.md §4 has the measurements.
+    """
     import os
 
     if os.environ.get("HESD_TUNE_ALLOCATOR", "1").strip().lower() not in ("0", "false", "no", "off"):
@@ -48,7 +49,8 @@ def tune_allocator() -> None:
         tune_cpu_allocator()
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code`` (2: bad input)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -64,11 +66,13 @@ def clean(x: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
+    """Print ``obj`` as JSON (NaN as null, infinities as strings)."""
     typer.echo(json.dumps(clean(obj), indent=1, default=str))
 
 
 # ------------------------------------------------------------------------------------------------ demo
 def read_config(path: Path | None) -> dict:
+    """The options in a TOML file (its ``[hesd]`` table, or the whole file); ``{}`` without a file."""
     if path is None:
         return {}
     try:
@@ -81,10 +85,12 @@ def read_config(path: Path | None) -> dict:
 
 
 def pick(cli: Any, cfg: dict, key: str, default: Any) -> Any:
+    """The command-line value if given, else the config file's, else the default."""
     return cli if cli is not None else cfg.get(key, default)
 
 
 def parse_bytes(text: Any) -> int | None:
+    """Bytes from ``2G``, ``500M``, ``1.5GiB`` or a plain number."""
     if text is None or isinstance(text, int):
         return text
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -128,6 +134,7 @@ def destroy_group() -> None:
 
 
 def print_summary(table, selections) -> None:
+    """Print the summary columns of the table and each rule's pick with its reason."""
     cols = [c for c in VIEWS["summary"] if c in table]
     typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for rule, sel in selections.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .report import build_report
 __all__ = ["DEMO_RUNS", "run_demo", "text_histogram"]
 
 #: The two runs: name → training configuration (epochs filled in by ``run_demo``).
-DEMO_RUNS = {
+DEMO_RUNS: dict[str, dict[str, Any]] = {
     "sgd_momentum": {"optimizer": "momentum", "lr": 0.05, "clip": None},
     "clipped": {"optimizer": "momentum", "lr": 0.05, "clip": 0.01},
 }

@@ -45,7 +45,7 @@ class Monitor:
         tensorboard: a ``SummaryWriter``, a log folder, or ``None``.
         overwrite: discard results in ``out_dir`` made with other settings.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> model = torch.nn.Linear(4, 3)
         >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))

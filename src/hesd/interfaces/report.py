@@ -180,6 +180,7 @@ def _fig_criteria(series: SeriesData):
 
 def _fig_landscape(series: SeriesData):
     land = series.landscape
+    assert land is not None  # drawn only for a series with a stored landscape
     fig, axes = plt.subplots(2, 2, figsize=(9, 7.5))
     lam = land["eigenvalues"]
     loss0 = land["loss0"]

@@ -8,18 +8,10 @@ In eval mode a BatchNorm layer computes
 with the running mean :math:`\mu` and variance :math:`\sigma^2` fixed buffers. PyTorch's
 ``batch_norm`` kernel gives the same values, but its second derivative
 (``NativeBatchNormBackwardBackward0``, the composite ``batchnorm_double_backward`` written for
-batch statistics) is expensive: in a Hessian-vector product of a CIFAR ResNet-20 (batch 128,
-2 CPU threads) ``torch.profiler`` put 32 % of the time in it. Written as ``x * s + b``, the
-double backward is the product rule of one multiplication and one addition, and the Hessian is
-the same to rounding (tested in float64; in float32, on one stage-1 layer, both forms were
-within 4e-7 of float64).
-
-Measured by ``benchmarks/batchnorm.py`` (``results/cpu/batchnorm.txt``): one layer's product is
-1.5–2.1× faster at ResNet-20's three activation shapes. On the whole ResNet-20 product the gain
-is small against the convolutions: 0.95–1.17× over five alternated series (1.08× on
-average), about the size of this machine's ±10 % noise. It was kept: the one series below 1
-(0.95×) is inside that noise, and the share of BatchNorm grows where convolutions are cheap
-(not yet measured on a GPU).
+batch statistics) is the general formula and expensive. Written as ``x * s + b``, the double
+backward is the product rule of one multiplication and one addition, and the Hessian is the
+same to rounding (tested in float64 against ``eval_batchnorm="native"``). What it buys is
+measured by ``benchmarks/batchnorm.py`` (BENCHMARKS.md §4 and §5).
 
 :class:`AffineEvalBatchNorm` is a :class:`torch.overrides.TorchFunctionMode`: inside it, every
 call of :func:`torch.nn.functional.batch_norm` that uses running statistics (``training=False``)

@@ -7,7 +7,7 @@ for, and when PyTorch cannot batch a model's second derivative it falls back, on
 or a width that works (:mod:`hesd.operators.support`), with one logged note. It knows nothing
 of models or data: tests drive it with a matrix for ``run`` and a cost model for ``timer``.
 
-Example:
+Examples:
     >>> import torch
     >>> from hesd.operators.blocks import BlockScheduler
     >>> A = torch.diag(torch.arange(1.0, 5.0))
@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -132,7 +133,7 @@ class BlockScheduler:
         while not trial.done and j < n:
             k = min(trial.next_width(), n - j)
             block = V[:, j : j + k]
-            out, seconds = self.timer(lambda block=block: self._product(block), block)
+            out, seconds = self.timer(functools.partial(self._product, block), block)
             cols.append(out)
             j += k
             trial.record(k, seconds)
@@ -161,7 +162,7 @@ class BlockScheduler:
         while not choice.done:
             method = choice.next_method()
             try:
-                result, seconds = self.timer(lambda m=method: self._run(m, V, width), V)
+                result, seconds = self.timer(functools.partial(self._run, method, V, width), V)
             except RuntimeError as exc:
                 if method == "graph" or isinstance(exc, HesdError):
                     raise

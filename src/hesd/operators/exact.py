@@ -41,7 +41,7 @@ def exact_hessian(
     Returns:
         The Hessian, ``(P, P)``, in the parameters' dtype and on their device.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> model = torch.nn.Linear(2, 1).double()
         >>> X, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)

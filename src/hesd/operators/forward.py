@@ -18,7 +18,7 @@ Forward-over-reverse products enter :meth:`ForwardContext.functional` as well: t
 forward-mode derivatives PyTorch lacks are evaluated by their definitions
 (:mod:`hesd.operators.rewrites`).
 
-Example:
+Examples:
     >>> import torch
     >>> from hesd.operators.forward import ForwardContext
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))

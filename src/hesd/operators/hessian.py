@@ -109,25 +109,21 @@ class HessianOperator(LinearOperator):
 
     Attributes:
         shape: ``(P, P)`` with ``P`` the number of selected parameters' entries.
-        dtype, device: those of the parameters.
+        dtype: the parameters' dtype.
+        device: the parameters' device.
         layout: the :class:`~hesd.operators.ParameterLayout` of the selected parameters.
         num_matvecs: products performed (one per column).
-        param_names: the names of the parameters, in the order of the flattened vector.
-        block_method: how blocks of columns are multiplied (``"graph"`` or ``"func"``);
-            with ``hvp_method="auto"`` ``None`` until the first block product chooses.
-        block_timings: the seconds behind that choice.
         default_lockstep: how many SLQ probes :func:`hesd.slq` runs together by default:
             ``batch_columns`` as given, or 8 on a GPU and 1 on the CPU; fixed at construction,
             so that SLQ results never depend on which products ran before.
-        column_timings: on the CPU with ``batch_columns=None``, the block-width trial's
-            seconds per product (``"single"``, then ``"block"``).
-        batched_failure: the note logged when batched products failed, else ``None``.
+        blocks: the :class:`~hesd.operators.blocks.BlockScheduler` (block width and method,
+            their timings and fallbacks; the properties below read it).
 
     Notes:
         Products are taken at the parameter values of the moment: if parameters change
         in place (an optimiser step) the kept graphs are rebuilt on the next product.
 
-    Example:
+    Examples:
         >>> import torch, hesd
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -247,12 +243,18 @@ class HessianOperator(LinearOperator):
 
     @property
     def column_timings(self) -> dict[str, float]:
-        """The block-width trial's seconds per product (empty until it has timed)."""
+        """On the CPU with ``batch_columns=None``, the block-width trial's seconds per product.
+
+        ``"single"`` once 8 single columns are timed, ``"block"`` once blocks are; empty before.
+        """
         return self.blocks.width_trial.timings if self.blocks.width_trial is not None else {}
 
     @property
     def block_method(self) -> str | None:
-        """``"graph"`` or ``"func"`` for blocks of columns; ``None`` while ``"auto"`` has not chosen."""
+        """How blocks of columns are multiplied: ``"graph"`` or ``"func"``.
+
+        With ``hvp_method="auto"``, ``None`` until the first block product times both and chooses.
+        """
         return self.blocks.block_method
 
     @property

@@ -5,7 +5,7 @@ vector :math:`\theta = (\operatorname{vec}\theta_1, \dots, \operatorname{vec}\th
 \mathbb{R}^P`; every operator in hesd works on such vectors, and every product method turns
 them into per-parameter tensors and back. :class:`ParameterLayout` is that map, in one place.
 
-Example:
+Examples:
     >>> import torch
     >>> from hesd.operators import ParameterLayout
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))

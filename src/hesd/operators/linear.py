@@ -77,7 +77,7 @@ class LinearOperator:
     def to_scipy(self) -> spla.LinearOperator:
         """Return a :class:`scipy.sparse.linalg.LinearOperator` view (NumPy in, NumPy out).
 
-        Example:
+        Examples:
             >>> import torch, hesd
             >>> A = hesd.operators.MatrixOperator(torch.eye(3, dtype=torch.float64))
             >>> A.to_scipy().matvec([1.0, 2.0, 3.0])

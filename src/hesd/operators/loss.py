@@ -17,7 +17,7 @@ check) reads batches only through a contract, so a new kind of loss is one class
 :class:`PairLoss` is the contract of ``loss_fn(model(inputs), targets)`` over
 ``(inputs, targets)`` batches, with one item per sample.
 
-Example:
+Examples:
     >>> import torch
     >>> from hesd.operators.loss import PairLoss
     >>> contract = PairLoss(torch.nn.functional.mse_loss)

@@ -15,8 +15,7 @@ Blocks of more than one column go through one batched pass (``is_grads_batched``
 :func:`func_pass` sum a method over all the data; :data:`PASSES` names them for the operator,
 so a new product method is one function here and one entry there.
 
-``benchmarks/hvp.py`` (2 CPU threads) measured the recomputed double backward at 2.2× a
-gradient on the digits MLP and 2.6× on ResNet-20, forward-over-reverse at 4.6× and 3.6×.
+``benchmarks/hvp.py`` times each method against a gradient (BENCHMARKS.md §1).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ to PyTorch unchanged. The model and the user's loss are not modified.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,7 +66,11 @@ def _soft_margin(input: torch.Tensor, target: torch.Tensor, size_average: Any = 
     return _reduce(F.softplus(-target * input), reduction)
 
 
-_DEFINITIONS = {F.mse_loss: _mse, F.huber_loss: _huber, F.soft_margin_loss: _soft_margin}
+_DEFINITIONS: dict[Any, Callable[..., torch.Tensor | None]] = {
+    F.mse_loss: _mse,
+    F.huber_loss: _huber,
+    F.soft_margin_loss: _soft_margin,
+}
 
 
 class FunctionalSafeLosses(TorchFunctionMode):

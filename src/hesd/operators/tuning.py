@@ -8,16 +8,14 @@ several columns, whether blocks of 8 columns per pass beat one column per pass:
 
 1. The first 8 columns go one at a time and are timed (the minimum counts). If a product
    takes more than ``max_seconds`` (5 ms), one column per pass is kept: on the CPU blocks
-   lost for every expensive model measured (ResNet-20 1.4–4.4× slower per product), and
-   trying them would cost seconds.
+   lost for every expensive model measured, and trying them would cost seconds.
 2. Otherwise the next columns go in blocks of up to 8 (fewer at the end of a call). The first
    block warms the batched backward up; the next two are timed, per column. A block narrower
    than 8 amortises less, so its timing errs towards one column per pass, but calls that never
    hold 8 columns (``slq(..., lockstep=3)``) still reach a decision. A lone column at the end
    of a call is no block and is not counted.
 3. Blocks are kept when the faster timed block costs at most ``gain`` (0.8) of a single
-   product per column: the gains measured were about 2× (the digits MLP over 6 batches), and a
-   marginal difference is noise at sub-millisecond times.
+   product per column: a marginal difference is noise at sub-millisecond times.
 
 Every trial product multiplies a real column, so nothing is thrown away; ``hesd.trace``'s calls
 of 8 columns reach the decision within Hutch++'s first 4 calls.
@@ -30,7 +28,7 @@ twice, alternating; the faster minimum wins. The first product's result is the a
 
 The measurements behind each number are in BENCHMARKS.md §1.
 
-Example:
+Examples:
     >>> from hesd.operators.tuning import BlockWidthTrial
     >>> trial = BlockWidthTrial()
     >>> for _ in range(8):
