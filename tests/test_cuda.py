@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hesd
+from conformance_cases import CASES, build
 from helpers import make_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,6 +33,24 @@ def test_cuda_products_match_cpu_dense_hessian(case, method):
     assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max())), (name, method)
     v = V[:, 0]
     assert ((op @ v.to(CUDA)).cpu() - H @ v).abs().max() < 1e-10 * max(1.0, float(H.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["auto", "graph", "double_backward", "func"])
+@pytest.mark.parametrize("family", CASES, ids=lambda c: c.name)
+def test_cuda_conformance_matrix(family, method):
+    """Every layer family of tests/operators/test_conformance.py on the GPU, blocks of 8 by default:
+    GroupNorm's batched fallback, recurrent layers off cuDNN (whose RNN backward refuses eval
+    mode), attention on the math kernel; against the CPU's dense float64 Hessian."""
+    if method == "func" and family.model_mode == "train":
+        pytest.skip("hesd refuses func in train mode (tested on the CPU)")
+    model, batches = build(family)
+    H = hesd.exact_hessian(model, family.loss, batches, model_mode=family.model_mode)
+    gpu = [(X.to(CUDA), y.to(CUDA)) for X, y in batches]
+    op = hesd.HessianOperator(model.to(CUDA), family.loss, gpu, hvp_method=method, model_mode=family.model_mode)
+    V = torch.randn(H.shape[0], 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    HV = (op @ V.to(CUDA)).cpu()
+    assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max())), (family.name, method)
+    assert torch.backends.cudnn.enabled  # restored after products
 
 
 def test_cuda_lockstep_slq_and_eigenvalues_match_cpu():

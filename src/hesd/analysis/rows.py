@@ -79,60 +79,25 @@ COLUMNS: tuple[Column, ...] = (
 TABLE_COLUMNS: list[str] = [c.name for c in COLUMNS]
 TEXT_COLUMNS: frozenset[str] = frozenset(c.name for c in COLUMNS if c.text)
 
+#: the spectrum's headline numbers, in the order every view shows them
+HEADLINE: tuple[str, ...] = ("lambda_min", "lambda_max", "trace", "re", "kh05", "ct", "hesd_type")
+
+_COSTS = ("train_loss", "hvps", "seconds")
+
 #: named subsets of the columns that interfaces show
 VIEWS: dict[str, tuple[str, ...]] = {
     # ``hesd analyze``'s printed table
-    "summary": (
-        "epoch",
-        "lambda_min",
-        "lambda_max",
-        "trace",
-        "re",
-        "kh05",
-        "ct",
-        "hesd_type",
-        "qs_flag",
-        "heldout_accuracy",
-        "status",
-    ),
+    "summary": ("epoch", *HEADLINE, "qs_flag", "heldout_accuracy", "status"),
     # ``hesd spectrum``'s printed summary
-    "spectrum": (
-        "lambda_min",
-        "lambda_max",
-        "trace",
-        "trace_se",
-        "re",
-        "kh05",
-        "ct",
-        "hesd_type",
-        "train_loss",
-        "hvps",
-    ),
-    # the demo's printed table
-    "demo": ("epoch", "lambda_min", "lambda_max", "re", "kh05", "ct", "hesd_type", "qs_flag", "heldout_accuracy"),
+    "spectrum": ("lambda_min", "lambda_max", "trace", "trace_se", *HEADLINE[3:], "train_loss", "hvps"),
+    # the demo's printed table (no trace: the demo's SLQ is short)
+    "demo": ("epoch", "lambda_min", "lambda_max", *HEADLINE[3:], "qs_flag", "heldout_accuracy"),
     # the report's results table
-    "report": (
-        "name",
-        "epoch",
-        "status",
-        "lambda_min",
-        "lambda_max",
-        "trace",
-        "re",
-        "kh05",
-        "ct",
-        "hesd_type",
-        "qs_flag",
-        "heldout_accuracy",
-        "train_loss",
-        "hvps",
-        "seconds",
-        "error",
-    ),
+    "report": ("name", "epoch", "status", *HEADLINE, "qs_flag", "heldout_accuracy", *_COSTS, "error"),
     # TensorBoard scalars
     "scalars": ("lambda_max", "lambda_min", "trace", "re", "kh05", "ct"),
     # one row per block of :func:`hesd.analysis.analyze_blocks`
-    "blocks": ("lambda_min", "lambda_max", "re", "kh05", "ct", "hesd_type"),
+    "blocks": ("lambda_min", "lambda_max", *HEADLINE[3:]),
 }
 
 _NOT_IN_TABLE = ("spectrum", "heldout_spectrum", "per_probe")

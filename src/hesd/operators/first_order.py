@@ -135,7 +135,7 @@ class Objective:
                 out = out.to(dtype)
             return out
 
-        loss = self.contract.loss(outputs_of, batch)
+        loss = self.contract.loss(outputs_of, batch, functional=params is not None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise HesdValueError(

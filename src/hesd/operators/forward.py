@@ -14,9 +14,9 @@
   backward can only be called in training mode"), and on the CPU oneDNN's ``mkldnn_rnn_layer``
   (a float32 LSTM) has no forward-mode derivative. The native kernels compute the same function.
 
-Forward-over-reverse products enter :meth:`ForwardContext.functional` as well: the losses whose
-forward-mode derivatives PyTorch lacks are evaluated by their definitions
-(:mod:`hesd.operators.rewrites`).
+Forward-over-reverse products enter :meth:`ForwardContext.functional` as well; the losses whose
+forward-mode derivatives PyTorch lacks are evaluated by their definitions there
+(:mod:`hesd.operators.rewrites`, entered by the loss contract around the loss alone).
 
 Examples:
     >>> import torch
@@ -43,7 +43,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..checks import check_choice
 from ..errors import HesdValueError
 from .batchnorm import affine_eval_batchnorm, has_running_stat_batchnorm
-from .rewrites import FunctionalSafeLosses
 
 __all__ = ["DROPOUT_TYPES", "ForwardContext", "backend_enabled", "float32_precision", "model_state"]
 
@@ -174,8 +173,8 @@ class ForwardContext:
 
     @contextmanager
     def functional(self) -> Iterator[None]:
-        """What forward-over-reverse adds: losses by definition, a float32 LSTM off oneDNN's fused kernel."""
-        with FunctionalSafeLosses(), backend_enabled(torch.backends.mkldnn, False) if self.recurrent else nullcontext():
+        """What forward-over-reverse adds to :meth:`state`: a float32 LSTM off oneDNN's fused kernel."""
+        with backend_enabled(torch.backends.mkldnn, False) if self.recurrent else nullcontext():
             yield
 
     def precision(self, device: torch.device) -> Any:

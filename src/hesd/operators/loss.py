@@ -36,6 +36,7 @@ import torch
 
 from ..errors import HesdTypeError, HesdValueError
 from .data import batch_size, split_batch, to_device
+from .rewrites import FunctionalSafeLosses
 
 __all__ = ["LossBatch", "LossContract", "PairLoss"]
 
@@ -67,8 +68,15 @@ class LossContract:
         """The batch ``raw`` as the data yields it, moved to ``device``; ``None`` if it holds no item."""
         raise NotImplementedError
 
-    def loss(self, outputs_of: Callable[[Any], Any], batch: LossBatch) -> torch.Tensor:  # pragma: no cover
-        """The batch's loss; ``outputs_of(inputs)`` calls the model (or its functional form)."""
+    def loss(
+        self, outputs_of: Callable[[Any], Any], batch: LossBatch, functional: bool = False
+    ) -> torch.Tensor:  # pragma: no cover
+        """The batch's loss; ``outputs_of(inputs)`` calls the model (or its functional form).
+
+        ``functional``: the loss is taken inside forward-over-reverse; losses whose forward-mode
+        derivative PyTorch lacks must then be evaluated by their definitions
+        (:class:`~hesd.operators.rewrites.FunctionalSafeLosses`, around the loss alone).
+        """
         raise NotImplementedError
 
     def weight(self, count: int, total: float) -> float:  # pragma: no cover
@@ -107,9 +115,13 @@ class PairLoss(LossContract):
             return None
         return LossBatch(to_device(inputs, device, dtype), to_device(targets, device, dtype), n)
 
-    def loss(self, outputs_of: Callable[[Any], Any], batch: LossBatch) -> torch.Tensor:
+    def loss(self, outputs_of: Callable[[Any], Any], batch: LossBatch, functional: bool = False) -> torch.Tensor:
         """``loss_fn(outputs_of(inputs), targets)``."""
-        return self.loss_fn(outputs_of(batch.inputs), batch.targets)
+        outputs = outputs_of(batch.inputs)
+        if not functional:
+            return self.loss_fn(outputs, batch.targets)
+        with FunctionalSafeLosses():  # around the loss only: a mode costs every call it sees
+            return self.loss_fn(outputs, batch.targets)
 
     def weight(self, count: int, total: float) -> float:
         """``count / total`` for a mean loss, ``1 / total`` for a summed one."""
