@@ -167,3 +167,20 @@ def test_selection_rules_on_a_table():
         HighestCtAmongMP(ct_threshold=0.5)
     with pytest.raises(ValueError, match="mode"):
         BestHeldout(mode="best")
+
+
+def test_one_shot_data_serves_every_checkpoint(tmp_path):
+    """A generator of batches is read once for the whole series: before 0.2.0 the first checkpoint used
+    it up and every later one failed with "data yielded no samples"."""
+    X, y, Xh, yh = load_digits_tensors(dtype=torch.float64)
+    for e in range(3):
+        torch.manual_seed(e)
+        torch.save(DigitsMLP().double().state_dict(), tmp_path / f"epoch_{e}.pt")
+    settings = hesd.AnalysisSettings(num_steps=8, num_probes=1, refine_extremes=False, dtype="float64")
+    batches = ((X[i : i + 400], y[i : i + 400]) for i in range(0, len(y), 400))
+    heldout = iter([(Xh, yh)])
+    res = hesd.analyze_checkpoints(DigitsMLP, tmp_path, batches, heldout=heldout, settings=settings)
+    assert res.table["status"].tolist() == ["ok"] * 3 and not res.failed
+    assert res.table["heldout_accuracy"].notna().all()
+    full = hesd.analyze_checkpoints(DigitsMLP, tmp_path, [(X, y)], settings=settings)
+    assert res.table["train_loss"].tolist() == pytest.approx(full.table["train_loss"].tolist(), rel=1e-12)

@@ -23,6 +23,10 @@ USER_MODULE = textwrap.dedent(
         X, y, _, _ = load_digits_tensors()
         return [(X[i:i + 512], y[i:i + 512]) for i in range(0, len(y), 512)]
 
+    def train_generator():
+        X, y, _, _ = load_digits_tensors()
+        return ((X[i:i + 512], y[i:i + 512]) for i in range(0, len(y), 512))
+
     def heldout_data():
         _, _, X, y = load_digits_tensors()
         return (X, y)

@@ -168,3 +168,16 @@ def test_console_script_demo_quick(tmp_path):
     assert set(payload["runs"]) == {"sgd_momentum", "clipped"}
     assert os.path.exists(payload["report"])
     assert "\r" not in res.stderr  # no progress bars when not on a terminal
+
+
+def test_a_generator_data_factory_serves_every_checkpoint_and_the_landscape(project, tmp_path):
+    p = project / "usermodels.py"
+    res = runner.invoke(
+        app,
+        ["analyze", str(project / "ckpts"), "--model", f"{p}:make_model", "--data", f"{p}:train_generator",
+         "--out", str(tmp_path / "gen"), *FAST, "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "gen" / "results.csv")
+    assert (table["status"] == "ok").all() and len(table) == 4
+    assert (tmp_path / "gen" / "landscape.json").exists()

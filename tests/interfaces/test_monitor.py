@@ -62,6 +62,29 @@ def test_monitor_records_failure_without_stopping_training():
         hesd.Monitor(model, (X, X), every=0)
 
 
+def test_monitor_survives_any_analysis_error():
+    """A dict batch (TypeError before 0.2.0 escaped Monitor.step and ended the training run) and a
+    model bug raising KeyError: each becomes a failed row and a warning."""
+    model = nn.Linear(4, 3)
+    mon = hesd.Monitor(model, [{"x": torch.randn(8, 4)}], settings=FAST)
+    with pytest.warns(RuntimeWarning, match="HesdTypeError.*got a dict.*training goes on"):
+        row = mon.step(1)
+    assert row["status"] == "failed" and "dict" in row["error"]
+
+    class Buggy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}["missing"]
+
+    mon = hesd.Monitor(Buggy(), (torch.randn(8, 4), torch.randint(0, 3, (8,))), settings=FAST)
+    with pytest.warns(RuntimeWarning, match="KeyError"):
+        assert mon.step(2)["status"] == "failed"
+    assert mon.table["status"].tolist() == ["failed"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning not installed (hesd[lightning])")
 def test_lightning_callback(tmp_path):
     import lightning.pytorch as pl

@@ -72,3 +72,44 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
     assert nonwhite > 0.05  # text and figures drawn
     colourful = (np.ptp(img, axis=2) > 0.2).mean()
     assert colourful > 0.005  # the plots (not just black text) rendered
+
+
+HOSTILE = "MP'><img src=x onerror=\"document.title='PWNED'\"><span class='"
+
+
+def test_hostile_strings_in_stored_rows_are_escaped(results, tmp_path):
+    """A results folder is shared between people: a row whose text fields hold markup must reach the
+    page as text. Checked in the parsed HTML and, where Chromium is installed, in the DOM after a
+    real browser ran the page (an executed handler would have renamed it)."""
+    import json
+
+    copy = tmp_path / "shared"
+    shutil.copytree(results, copy)
+    rows = sorted((copy / "rows").glob("*.json"))
+    row = json.loads(rows[0].read_text())
+    for key in ("hesd_type", "name", "qs_reason"):
+        row[key] = HOSTILE
+    rows[0].write_text(json.dumps(row))
+    failed = json.loads(rows[1].read_text())
+    failed.update(status="failed", error=HOSTILE, name=HOSTILE)
+    rows[1].write_text(json.dumps(failed))
+    page = build_report(copy, title=HOSTILE)
+    soup = BeautifulSoup(page.read_text(), "html.parser")
+    assert not soup.find_all("script")
+    for tag in soup.find_all(True):
+        assert not [a for a in tag.attrs if a.lower().startswith("on")], tag
+    assert all(img["src"].startswith("data:image/png") for img in soup.find_all("img"))
+    assert HOSTILE in soup.get_text()  # shown as text
+    if shutil.which("chromium") is None:
+        if os.environ.get("HESD_REQUIRE_CHROMIUM"):
+            pytest.fail("HESD_REQUIRE_CHROMIUM is set but chromium is not on PATH")
+        return
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = BeautifulSoup(proc.stdout, "html.parser").title.string
+    assert title == HOSTILE  # an executed onerror handler would have set it to 'PWNED'

@@ -22,6 +22,7 @@ from .._version import __version__
 from ..algorithms.spectrum import Spectrum
 from ..collectives import broadcast, consensus, rank_and_world, resolve_group
 from ..errors import CheckpointError, HesdError, HesdTypeError, HesdValueError
+from ..operators.data import as_reiterable
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
 from .model import analyze_model as analyze_model
 from .recorder import SeriesRecorder
@@ -129,6 +130,10 @@ def analyze_checkpoints(
     group = resolve_group(process_group)
     rank, world = rank_and_world(group)
     infos = discover_checkpoints(checkpoints, epochs)
+    # A one-shot iterator (a generator, iter(loader)) is read once here, not used up by the first checkpoint.
+    data = as_reiterable(data, "analyze_checkpoints")
+    if heldout is not None:
+        heldout = as_reiterable(heldout, "analyze_checkpoints")
     store, error = None, None
     if out_dir is not None and rank == 0:
         try:

@@ -19,6 +19,7 @@ from ..analysis.rows import VIEWS
 from ..analysis.series import analyze_checkpoints
 from ..analysis.settings import AnalysisSettings, default_of
 from ..errors import HesdError
+from ..operators.data import as_reiterable
 from .cli_support import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -178,8 +179,10 @@ def analyze(
         )
         model_factory = load_object(model, "--model")
         loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
-        train_data = call_factory(load_object(data, "--data"), "--data", data)
+        # Read once: a generator must serve every checkpoint and the landscape after them.
+        train_data = as_reiterable(call_factory(load_object(data, "--data"), "--data", data), "--data")
         held = call_factory(load_object(heldout, "--heldout"), "--heldout", heldout) if heldout else None
+        held = as_reiterable(held, "--heldout") if held is not None else None
 
         def make_model():
             return call_factory(model_factory, "--model", model)

@@ -24,7 +24,7 @@ from ..analysis.rows import VIEWS, RowIdentity
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore
 from ..checks import check_type, is_int_at_least
-from ..errors import HesdError, HesdValueError
+from ..errors import HesdValueError
 
 __all__ = ["Monitor"]
 
@@ -131,8 +131,12 @@ class Monitor:
                 settings=self.settings,
             )  # fmt: skip
             row = identity.ok(metrics, spec)
-        except (HesdError, ValueError, RuntimeError) as exc:
-            warnings.warn(f"Monitor: analysis at epoch {epoch} failed: {exc}", RuntimeWarning, stacklevel=2)
+        except Exception as exc:  # training goes on whatever the analysis met (a bad batch, a model bug)
+            warnings.warn(
+                f"Monitor: analysis at epoch {epoch} failed ({type(exc).__name__}: {exc}); training goes on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             row = identity.failed(f"{type(exc).__name__}: {exc}")
         self.recorder.record(row)
         if self._writer is not None and spec is not None:
@@ -174,8 +178,8 @@ class Monitor:
             try:
                 store_landscape(self.out_dir, factory, self.data, self.loss_fn, self.selections,
                                 model_mode=self.settings.model_mode, seed=self.settings.seed)  # fmt: skip
-            except (HesdError, ValueError, RuntimeError) as exc:
-                warnings.warn(f"Monitor: landscape skipped: {exc}", RuntimeWarning, stacklevel=2)
+            except Exception as exc:  # the report is still written
+                warnings.warn(f"Monitor: landscape skipped ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
         if self._writer is not None:
             self._writer.flush()
         if report:

@@ -253,7 +253,7 @@ def _table_html(t: pd.DataFrame) -> str:
         cells = []
         for c in cols:
             cls = "l" if c in ("name", "error") else ""
-            if c == "hesd_type" and isinstance(r[c], str):
+            if c == "hesd_type" and r[c] in ("MP", "MN"):  # a class name only from the known values
                 cls += f" {r[c]}"
             cells.append(f"<td class='{cls.strip()}'>{_fmt(r[c])}</td>")
         body.append(f"<tr class='{'failed' if r.get('status') != 'ok' else ''}'>{''.join(cells)}</tr>")
@@ -303,7 +303,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             txt = f"epoch {sel['epoch']}" if sel.get("checkpoint") else "none"
             if sel.get("heldout_accuracy") is not None:
                 txt += f" (held-out acc. {sel['heldout_accuracy']:.3f})"
-            picks.append(txt)
+            picks.append(html.escape(txt))
         summary.append(
             f"<tr><td class='l'>{html.escape(s.label)}</td><td>{len(t)}</td><td>{int((ok['hesd_type'] == 'MP').sum())}"
             f"</td><td>{int((ok['hesd_type'] == 'MN').sum())}</td><td>{int(ok['qs_flag'].sum())}</td>"
