@@ -80,14 +80,12 @@ def analyze_model(
     """
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
-    names = select_params(model, s.params) if s.params else None
+    layout = ParameterLayout.select(model, list(s.params) if s.params else None, "analyze_model")
+    names = layout.names if s.params else None
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
     graph_budget = None
     if s.max_memory is not None:
-        P = sum(p.numel() for n, p in model.named_parameters() if (names is None and p.requires_grad) or
-                (names is not None and n in names))  # fmt: skip
-        dtype = next(model.parameters()).dtype
-        plan = plan_basis(P, s.num_steps, dtype, s.max_memory // 2)
+        plan = plan_basis(layout.dim, s.num_steps, layout.dtype, s.max_memory // 2)
         slq_kw = {k: plan[k] for k in ("reorth", "window", "basis_dtype")}
         slq_kw["lockstep"] = 1  # the basis budget is for one probe at a time
         graph_budget = s.max_memory - plan["basis_bytes"]

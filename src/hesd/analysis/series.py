@@ -210,14 +210,13 @@ class CheckpointJob:
 
     def run(self, info: CheckpointInfo) -> tuple[dict, bool]:
         """Analyse the checkpoint ``info``; returns ``(row, new)`` (``new=False``: a stored row resumed)."""
-        ident = RowIdentity(str(info.path), info.name, info.epoch)
         error: BaseException | None = None
         digest = None
         try:
             digest = sha256_file(info.path)
         except OSError as exc:
             error = CheckpointError(f"{info.path}: cannot read ({exc.strerror})")
-        ident = RowIdentity(ident.checkpoint, ident.name, ident.epoch, digest)
+        ident = RowIdentity(str(info.path), info.name, info.epoch, digest)
         prev = self.cached.get(ident.checkpoint)
         reuse = error is None and prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest
         if self.group is not None:  # every rank must take the same branch, or the collectives below deadlock

@@ -86,7 +86,6 @@ class BlockScheduler:
         timer: Timer = wall_clock,
     ) -> None:
         self.timer = timer
-        self.run: Run | None = None
         self.single_method, self.fixed_method = single_method, block_method
         self.width_trial, self.method_choice = width_trial, method_choice
         self._width = width
@@ -117,15 +116,11 @@ class BlockScheduler:
             run: ``run(method, V, width)`` returns ``H V`` on this rank by ``method`` in blocks of
                 ``width`` columns.
         """
-        self.run = run
-        try:
-            if self.width_trial is not None and not self.width_trial.done and V.shape[1] > 1:
-                return self._trial(V)
-            return self._product(V)
-        finally:
-            self.run = None
+        if self.width_trial is not None and not self.width_trial.done and V.shape[1] > 1:
+            return self._trial(V, run)
+        return self._product(V, run)
 
-    def _trial(self, V: torch.Tensor) -> torch.Tensor:
+    def _trial(self, V: torch.Tensor, run: Run) -> torch.Tensor:
         trial = self.width_trial
         assert trial is not None
         cols: list[torch.Tensor] = []
@@ -133,28 +128,28 @@ class BlockScheduler:
         while not trial.done and j < n:
             k = min(trial.next_width(), n - j)
             block = V[:, j : j + k]
-            out, seconds = self.timer(functools.partial(self._product, block), block)
+            out, seconds = self.timer(functools.partial(self._product, block, run), block)
             cols.append(out)
             j += k
             trial.record(k, seconds)
         if j < n:
-            cols.append(self._product(V[:, j:]))
+            cols.append(self._product(V[:, j:], run))
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
-    def _product(self, V: torch.Tensor) -> torch.Tensor:
+    def _product(self, V: torch.Tensor, run: Run) -> torch.Tensor:
         width = self.width
         if V.shape[1] == 1 or width == 1:
-            return self._run(self.single_method, V, 1)
+            return run(self.single_method, V, 1)
         try:
             if self.method_choice is not None and not self.method_choice.done:
-                return self._choose_method(V, width)
-            return self._run(self.block_method or "graph", V, width)
+                return self._choose_method(V, width, run)
+            return run(self.block_method or "graph", V, width)
         except RuntimeError as exc:
             if isinstance(exc, HesdError):
                 raise
-            return self._after_failure(exc, V, width)
+            return self._after_failure(exc, V, width, run)
 
-    def _choose_method(self, V: torch.Tensor, width: int) -> torch.Tensor:
+    def _choose_method(self, V: torch.Tensor, width: int, run: Run) -> torch.Tensor:
         """Run :class:`BlockMethodChoice` on this block; returns the first product."""
         choice = self.method_choice
         assert choice is not None
@@ -162,7 +157,7 @@ class BlockScheduler:
         while not choice.done:
             method = choice.next_method()
             try:
-                result, seconds = self.timer(functools.partial(self._run, method, V, width), V)
+                result, seconds = self.timer(functools.partial(run, method, V, width), V)
             except RuntimeError as exc:
                 if method == "graph" or isinstance(exc, HesdError):
                     raise
@@ -172,7 +167,7 @@ class BlockScheduler:
         assert out is not None
         return out
 
-    def _after_failure(self, exc: RuntimeError, V: torch.Tensor, width: int) -> torch.Tensor:
+    def _after_failure(self, exc: RuntimeError, V: torch.Tensor, width: int, run: Run) -> torch.Tensor:
         """A batched pass failed: say so once, and go on exactly.
 
         Where the method is chosen (``hvp_method="auto"``), a failed batched backward hands blocks
@@ -182,7 +177,7 @@ class BlockScheduler:
         if self.method_choice is not None and (self.block_method or "graph") == "graph":
             self.method_choice.settle("func")
             try:
-                out = self._run("func", V, width)
+                out = run("func", V, width)
             except RuntimeError as again:
                 if isinstance(again, HesdError):
                     raise
@@ -194,11 +189,7 @@ class BlockScheduler:
         self._width = 1
         if self.width_trial is not None:
             self.width_trial.give_up()
-        return self._run(self.single_method, V, 1)
-
-    def _run(self, method: str, V: torch.Tensor, width: int) -> torch.Tensor:
-        assert self.run is not None
-        return self.run(method, V, width)
+        return run(self.single_method, V, 1)
 
     def _note(self, note: str) -> None:
         self.failure = note

@@ -197,6 +197,7 @@ def _local_pass(objective: Objective, budget: int, keep_graphs: bool, unlimited:
     used = 0
     kept: list[KeptGraph] = []
     stored: list[LossBatch] = []
+    stored_bytes = 0
     stream = False
     losses: list[tuple[int, torch.Tensor]] = []
     grads: list[tuple[int, torch.Tensor]] = []
@@ -215,7 +216,8 @@ def _local_pass(objective: Objective, budget: int, keep_graphs: bool, unlimited:
         elif keep_graphs and not stream:
             used = budget  # no more graphs; remember the batch itself
             stored.append(batch)
-            if sum(nbytes(b) for b in stored) > budget:
+            stored_bytes += nbytes(batch)
+            if stored_bytes > budget:
                 stream, stored = True, []
         losses.append((batch.count, loss.detach()))
         grads.append((batch.count, flat.detach() if flat is not None else objective.layout.flatten(

@@ -120,15 +120,13 @@ def graph_pass(state: FirstOrderState, objective: Objective, V: torch.Tensor, wi
         for kept in state.kept:
             out = kept_graph_product(kept.flat, objective.layout, V, weight(kept.count, state.total), width, out)
     if state.stream or not state.kept or state.stored:
+        # Nothing kept at all (streaming, or double_backward): every batch from the data; else the stored ones.
+        from_data = state.stream or not (state.kept or state.stored)
+        todo = enumerate(objective.batches()) if from_data else enumerate(state.stored, start=len(state.kept))
         with objective.forward.state():
-            if state.stream or (not state.kept and not state.stored):
-                for index, batch in enumerate(objective.batches()):
-                    out = double_backward_product(objective, batch, index, V, weight(batch.count, state.total),
-                                                  width, out)  # fmt: skip
-            else:
-                for index, batch in enumerate(state.stored, start=len(state.kept)):
-                    out = double_backward_product(objective, batch, index, V, weight(batch.count, state.total),
-                                                  width, out)  # fmt: skip
+            for index, batch in todo:
+                w = weight(batch.count, state.total)
+                out = double_backward_product(objective, batch, index, V, w, width, out)
     return out if out is not None else torch.zeros_like(V)
 
 
