@@ -74,13 +74,15 @@ def failing_worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def series_worker(rank: int, world: int, init_file: str, out: str, ckpt_dir: str, parallel: str) -> None:
+def series_worker(
+    rank: int, world: int, init_file: str, out: str, ckpt_dir: str, parallel: str, batch: int = 300
+) -> None:
     _init(rank, world, init_file)
     try:
         from hesd.models import DigitsMLP, load_digits_tensors
 
         X, y, _, _ = load_digits_tensors(dtype=torch.float64)
-        batches = [(X[i : i + 300], y[i : i + 300]) for i in range(0, len(y), 300)]
+        batches = [(X[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
         data = shard(batches) if parallel == "data" else batches
         settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, refine_extremes=False, dtype="float64")
         res = hesd.analyze_checkpoints(DigitsMLP, ckpt_dir, data, out_dir=f"{out}/results", settings=settings,

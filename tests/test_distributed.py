@@ -100,6 +100,28 @@ def test_series_distributed_equals_single_process(parallel, tmp_path):
     assert len(stored.table) == 3 and (stored.table["status"] == "ok").all()
 
 
+def test_more_ranks_than_batches_leaves_a_rank_with_an_empty_shard(tmp_path):
+    """Three ranks, two batches: rank 2's shard is empty, which the whole data set is checked for
+    only after the counts are summed (before 0.2.0 every checkpoint failed on that rank)."""
+    from hesd.training import TrainConfig, train_with_checkpoints
+
+    X, y, _, _ = load_digits_tensors()
+    torch.manual_seed(0)
+    ckpts = tmp_path / "ckpts"
+    train_with_checkpoints(DigitsMLP(), X, y, ckpts, TrainConfig(epochs=1, lr=0.05))
+    _spawn(series_worker, 3, tmp_path, str(ckpts), "data", 700)
+    X64, y64, _, _ = load_digits_tensors(dtype=torch.float64)
+    batches = [(X64[i : i + 700], y64[i : i + 700]) for i in range(0, len(y64), 700)]
+    assert len(batches) == 2
+    settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, refine_extremes=False, dtype="float64")
+    ref = hesd.analyze_checkpoints(DigitsMLP, ckpts, batches, settings=settings)
+    assert (ref.table["status"] == "ok").all()
+    for r in range(3):
+        got = torch.load(tmp_path / f"series_rank{r}.pt", weights_only=False)
+        assert np.allclose(got["ct"], ref.table["ct"], atol=1e-8)
+        assert np.allclose(got["lambda_max"], ref.table["lambda_max"], atol=1e-8)
+
+
 def test_cli_under_torchrun(tmp_path):
     import os
     import subprocess

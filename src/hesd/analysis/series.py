@@ -131,7 +131,8 @@ def analyze_checkpoints(
     rank, world = rank_and_world(group)
     infos = discover_checkpoints(checkpoints, epochs)
     # A one-shot iterator (a generator, iter(loader)) is read once here, not used up by the first checkpoint.
-    data = as_reiterable(data, "analyze_checkpoints")
+    # In data-parallel mode a rank's shard may be empty (more ranks than batches).
+    data = as_reiterable(data, "analyze_checkpoints", allow_empty=group is not None and parallel == "data")
     if heldout is not None:
         heldout = as_reiterable(heldout, "analyze_checkpoints")
     store, error = None, None

@@ -29,11 +29,13 @@ def is_single_batch(data: Any) -> bool:
     return False
 
 
-def as_reiterable(data: Any, caller: str) -> Iterable[Any]:
+def as_reiterable(data: Any, caller: str, *, allow_empty: bool = False) -> Iterable[Any]:
     """Return something that can be iterated over many times.
 
     A one-shot iterator (a generator, ``iter(loader)``) is materialised into a list,
-    so each Hessian-vector product sees the same data.
+    so each Hessian-vector product sees the same data. ``allow_empty``: a rank's shard under
+    ``torch.distributed`` may hold no batch (more ranks than batches); the whole data set is
+    checked for items after the all-reduce of the counts.
 
     Raises:
         HesdTypeError: ``data`` is a lone tensor or not iterable.
@@ -54,7 +56,7 @@ def as_reiterable(data: Any, caller: str) -> Iterable[Any]:
         ) from None
     if iterator is data:
         return list(iterator)
-    if hasattr(data, "__len__") and len(data) == 0:
+    if not allow_empty and hasattr(data, "__len__") and len(data) == 0:
         raise HesdValueError(f"{caller}: data is empty (no batches); pass a non-empty DataLoader or batch list")
     return data
 

@@ -176,11 +176,12 @@ class HessianOperator(LinearOperator):
         self.forward = ForwardContext(model, model_mode=model_mode, eval_batchnorm=eval_batchnorm,
                                       allow_tf32=allow_tf32, autocast_dtype=autocast_dtype, caller=caller)  # fmt: skip
         self.layout = ParameterLayout.select(model, params, caller)
-        self.objective = Objective(model, self.contract, as_reiterable(data, caller), self.layout, self.forward)
+        self.process_group = resolve_group(True if distributed and process_group is None else process_group)
+        shard = as_reiterable(data, caller, allow_empty=self.process_group is not None)
+        self.objective = Objective(model, self.contract, shard, self.layout, self.forward)
         self.hvp_method = hvp_method
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
-        self.process_group = resolve_group(True if distributed and process_group is None else process_group)
         self.dtype, self.device = self.layout.dtype, self.layout.device
         self.shape = (self.layout.dim, self.layout.dim)
         on_gpu = self.device.type == "cuda"
