@@ -35,7 +35,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .interfaces.monitor import Monitor
-from .operators import HessianOperator, LinearOperator, ParameterLayout, exact_hessian
+from .operators import BatchLoss, HessianOperator, LinearOperator, ModelLoss, ParameterLayout, exact_hessian
 
 
 def __getattr__(name: str):
@@ -44,11 +44,16 @@ def __getattr__(name: str):
         from .interfaces import callbacks
 
         return getattr(callbacks, name)
+    if name == "lm_batches":
+        from .interfaces.hf_data import lm_batches
+
+        return lm_batches
     raise AttributeError(f"module 'hesd' has no attribute {name!r}")
 
 
 __all__ = [
     "AnalysisSettings",
+    "BatchLoss",
     "BestHeldout",
     "CheckpointError",
     "Criteria",
@@ -64,6 +69,7 @@ __all__ = [
     "HighestCtAmongMP",
     "InsecureCheckpointError",
     "LinearOperator",
+    "ModelLoss",
     "Monitor",
     "NonDeterministicError",
     "NonFiniteError",
@@ -83,6 +89,7 @@ __all__ = [
     "eigenvalues",
     "exact_hessian",
     "lanczos",
+    "lm_batches",
     "power_iteration",
     "slq",
     "trace",

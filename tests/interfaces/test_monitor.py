@@ -133,11 +133,12 @@ def test_transformers_trainer_callback(tmp_path):
     train = [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": labels[i]}
              for i in range(24)]  # fmt: skip
     hess_data = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
-    cb = hesd.HesdTrainerCallback(hess_data, tmp_path / "hf", settings=FAST)
+    cb = hesd.HesdTrainerCallback(hess_data, tmp_path / "hf", every_n_epochs=1, settings=FAST)
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), num_train_epochs=2, per_device_train_batch_size=8,
                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                              disable_tqdm=True)  # fmt: skip
     Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
     t = pd.read_csv(tmp_path / "hf" / "results.csv")
-    assert t["epoch"].tolist() == [1, 2] and (t["status"] == "ok").all()
+    # numbered by global step (3 steps per epoch); (inputs, labels) pairs with the model's own loss
+    assert t["epoch"].tolist() == [3, 6] and (t["status"] == "ok").all()
     assert (tmp_path / "hf" / "report.html").exists()

@@ -4,7 +4,8 @@ Formats: PyTorch state dicts (``.pt``, ``.pth``, ``.bin``) loaded with
 ``torch.load(weights_only=True)`` — an arbitrary pickle is refused, never executed —
 ``.safetensors``, and Lightning ``.ckpt`` files (``state_dict`` inside; a ``model.``-style
 prefix is stripped). Dicts with a ``state_dict``, ``model_state_dict`` or ``model`` entry
-(common in hand-written loops) are unwrapped.
+(common in hand-written loops) are unwrapped. A Hugging Face checkpoint *folder* (``Trainer``
+output, a PEFT adapter: :mod:`hesd.analysis.hf_checkpoints`) is one checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, HesdFileNotFoundError, HesdValueError, InsecureCheckpointError
+from .hf_checkpoints import hf_checkpoint_kind, hf_fingerprint, trainer_position
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -32,6 +34,7 @@ __all__ = [
     "load_state_dict",
     "parse_epoch",
     "sha256_file",
+    "tied_groups",
 ]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -41,10 +44,22 @@ _NUM_RE = re.compile(r"(\d+)(?!.*\d)")
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A checkpoint file and its position in the series."""
+    """A checkpoint (a file, or a Hugging Face checkpoint folder) and its position in the series.
+
+    Attributes:
+        path: the file or folder.
+        epoch: its position: the epoch or step in its name, or ``global_step`` of a ``Trainer`` folder.
+        train_epoch: the (fractional) training epoch a ``Trainer`` folder records, else ``None``.
+    """
 
     path: Path
     epoch: int | None
+    train_epoch: float | None = None
+
+    @property
+    def hf_kind(self) -> str | None:
+        """``"model"`` or ``"adapter"`` for a Hugging Face checkpoint folder, else ``None``."""
+        return hf_checkpoint_kind(self.path)
 
     @property
     def name(self) -> str:
@@ -85,18 +100,22 @@ def discover_checkpoints(
     found: list[Path] = []
     for src in sources:
         p = Path(src)
-        if p.is_dir():
+        if hf_checkpoint_kind(p):
+            found.append(p)
+        elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
+            files = files or sorted(f for f in p.iterdir() if hf_checkpoint_kind(f))  # a Trainer's output_dir
             if not files:
                 raise HesdFileNotFoundError(
-                    f"discover_checkpoints: folder {p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})"
+                    f"discover_checkpoints: folder {p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) "
+                    "and no Hugging Face checkpoint folders (config.json + model.safetensors, or a PEFT adapter)"
                 )
             found.extend(files)
         elif p.is_file():
             found.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(str(src)))
-            matches = [m for m in matches if m.is_file()]
+            matches = [m for m in matches if m.is_file() or hf_checkpoint_kind(m)]
             if not matches:
                 raise HesdFileNotFoundError(f"discover_checkpoints: {src} is not a file or folder and matches nothing")
             found.extend(matches)
@@ -106,12 +125,21 @@ def discover_checkpoints(
         if len(epochs) != len(unique):
             raise HesdValueError(f"discover_checkpoints: {len(epochs)} epochs given for {len(unique)} checkpoints")
         return [CheckpointInfo(p, int(e)) for p, e in zip(unique, epochs, strict=True)]
-    infos = [CheckpointInfo(p, parse_epoch(p.name)) for p in unique]
+    infos = [_info(p) for p in unique]
     return sorted(infos, key=lambda c: (c.epoch is None, c.epoch if c.epoch is not None else 0, c.name))
 
 
+def _info(p: Path) -> CheckpointInfo:
+    if hf_checkpoint_kind(p):
+        step, epoch = trainer_position(p)
+        return CheckpointInfo(p, step if step is not None else parse_epoch(p.name), epoch)
+    return CheckpointInfo(p, parse_epoch(p.name))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (the checkpoint's fingerprint)."""
+    """Hex SHA-256 of a file's bytes (the checkpoint's fingerprint); of its weight files for a HF folder."""
+    if hf_checkpoint_kind(path):
+        return hf_fingerprint(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -189,6 +217,28 @@ def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, 
     return sd
 
 
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter (tied weights, e.g. ``lm_head.weight`` and ``transformer.wte.weight``)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved without a tied alias (safetensors stores shared tensors once) gets it back."""
+    groups = tied_groups(model)
+    if not groups:
+        return state
+    state = dict(state)
+    for names in groups:
+        present = [n for n in names if n in state]
+        for n in names:
+            if n not in state and present:
+                state[n] = state[present[0]]
+    return state
+
+
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> None:
     """Load ``state`` into ``model`` after checking names and shapes; list every mismatch.
 
@@ -197,6 +247,7 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: str
     """
     own = model.state_dict()
     state = _strip_prefix(state, set(own))
+    state = _fill_tied(model, state)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [

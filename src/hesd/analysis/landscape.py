@@ -24,7 +24,8 @@ from torch import nn
 
 from ..algorithms.eigen import eigenvalues
 from ..operators import HessianOperator, model_state
-from ..operators.data import as_reiterable, batch_size, call_model, split_batch, to_device
+from ..operators.data import as_reiterable
+from ..operators.model_loss import mean_loss
 
 __all__ = ["filter_normalized_direction", "loss_landscape"]
 
@@ -45,16 +46,8 @@ def filter_normalized_direction(params: dict[str, torch.Tensor], seed: int) -> d
     return out
 
 
-def _mean_loss(model, params, data, loss_fn, device, dtype) -> float:
-    total, n_all = 0.0, 0
-    for batch in data:
-        X, y = split_batch(batch, "loss_landscape")
-        X, y = to_device(X, device, dtype), to_device(y, device, dtype)
-        n = batch_size(X, y)
-        out = call_model(model, X, params)
-        total += float(loss_fn(out, y)) * n
-        n_all += n
-    return total / n_all
+def _mean_loss(model, params, data, contract, device, dtype) -> float:
+    return mean_loss(model, contract, data, device, dtype, params)[0]
 
 
 def loss_landscape(
@@ -101,7 +94,7 @@ def loss_landscape(
 
     def loss_at(d1, d2, a: float, b: float) -> float:
         params = {n: base[n] + a * d1[n] + b * d2[n] for n in names}
-        return _mean_loss(model, params, data, loss_fn, op.device, op.dtype)
+        return _mean_loss(model, params, data, op.contract, op.device, op.layout.dtype)
 
     result: dict[str, Any] = {"eigenvalues": lam, "residuals": top.residuals.tolist()}
     with torch.no_grad(), model_state(model, model_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -15,33 +16,55 @@ from ..algorithms.eigen import eigenvalues
 from ..algorithms.slq import plan_basis, slq
 from ..algorithms.spectrum import Spectrum
 from ..operators import HessianOperator, ParameterLayout
-from ..operators.data import as_reiterable, call_model, split_batch, to_device
+from ..operators.data import ModelCall, as_reiterable
+from ..operators.forward import model_state
+from ..operators.loss import PairLoss
+from ..operators.model_loss import loss_contract
 from .criteria import compare_criteria, criteria, probe_summary
 from .settings import AnalysisSettings
 
 __all__ = ["analyze_model", "select_params"]
 
+logger = logging.getLogger("hesd")
 
-def _accuracy_eval(model: nn.Module, data: Iterable, loss_fn: Callable, device, dtype) -> dict[str, float]:
-    was = model.training
-    model.eval()
-    total, loss_sum, correct, classify = 0, 0.0, 0, True
-    with torch.no_grad():
-        for batch in as_reiterable(data, "heldout"):
-            X, y = split_batch(batch, "heldout")
-            X, y = to_device(X, device, dtype), to_device(y, device, dtype)
-            out = call_model(model, X)
-            n = len(y)
-            loss_sum += float(loss_fn(out, y)) * n
-            total += n
-            if classify and isinstance(out, torch.Tensor) and out.ndim == 2 and not y.is_floating_point():
-                correct += int((out.argmax(1) == y).sum())
+
+def _heldout_eval(model: nn.Module, data: Iterable, loss_fn: Any, device, dtype) -> dict[str, float]:
+    """Held-out loss over all loss-bearing items (the training loss's contract) and, for classifiers, accuracy.
+
+    Accuracy is recorded for ``loss_fn(outputs, targets)`` with ``(batch, classes)`` outputs and
+    integer targets; otherwise only the loss (selection then uses it, :class:`hesd.BestHeldout`).
+    """
+    contract = loss_contract(loss_fn, "heldout")
+    contract.bind(model)
+    pair = isinstance(contract, PairLoss)
+    total, loss_sum, correct, classify, structured = 0, 0.0, 0, pair, False
+    with torch.no_grad(), model_state(model, "eval"):
+        for raw in as_reiterable(data, "heldout"):
+            batch = contract.prepare(raw, device, dtype)
+            if batch is None:
+                continue
+            call = ModelCall(model)
+            if pair:
+                out = call.on(batch.inputs)
+                loss = loss_fn(out, batch.targets)
+                y = batch.targets
+                if classify and isinstance(out, torch.Tensor) and out.ndim == 2 and not y.is_floating_point():
+                    correct += int((out.argmax(1) == y).sum())
+                else:
+                    classify, structured = False, structured or not isinstance(out, torch.Tensor)
             else:
-                classify = False
-    model.train(was)
+                loss = contract.loss(call, batch)
+            loss_sum += contract.weight(batch.count, 1.0) * float(loss)
+            total += batch.count
     res = {"heldout_loss": loss_sum / max(total, 1)}
     if classify:
         res["heldout_accuracy"] = correct / max(total, 1)
+    elif structured:
+        logger.warning(
+            "hesd: the model returns %s, not a (batch, classes) tensor: held-out accuracy cannot be computed; "
+            "recording held-out loss only (the held-out pick uses it)",
+            type(out).__name__,
+        )
     return res
 
 
@@ -49,7 +72,7 @@ def analyze_model(
     model: nn.Module,
     data: Any,
     *,
-    loss_fn: Callable = nn.functional.cross_entropy,
+    loss_fn: Any = nn.functional.cross_entropy,
     heldout: Any = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     settings: AnalysisSettings | None = None,
@@ -117,7 +140,7 @@ def analyze_model(
     if evaluate is not None:
         metrics = {f"heldout_{k}" if not k.startswith("heldout_") else k: float(v) for k, v in evaluate(model).items()}
     elif heldout is not None:
-        metrics = _accuracy_eval(model, heldout, loss_fn, op.device, op.dtype)
+        metrics = _heldout_eval(model, heldout, loss_fn, op.device, op.layout.dtype)
     row.update(metrics)
     if s.heldout_criteria and heldout is not None:
         hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode)  # held-out: local, see above

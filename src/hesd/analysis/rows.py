@@ -46,7 +46,8 @@ class Column:
 COLUMNS: tuple[Column, ...] = (
     Column("checkpoint", "the checkpoint's path (its identity in the store)", True),
     Column("name", "the checkpoint's file name", True),
-    Column("epoch", "epoch or step parsed from the name (or given)"),
+    Column("epoch", "epoch or step parsed from the name (or given; a Trainer folder's global_step)"),
+    Column("train_epoch", "training epoch a Trainer folder's trainer_state.json records"),
     Column("status", "'ok' or 'failed'", True),
     Column("lambda_min", "smallest Hessian eigenvalue (certified by restarted Lanczos)"),
     Column("lambda_max", "largest Hessian eigenvalue (certified by restarted Lanczos)"),

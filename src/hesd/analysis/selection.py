@@ -184,26 +184,39 @@ class SmallestLambdaMax(SelectionRule):
 
 
 class BestHeldout(SelectionRule):
-    """The oracle: best held-out metric (only when held-out metrics were recorded)."""
+    """The oracle: best held-out metric (only when held-out metrics were recorded).
+
+    By default the highest ``heldout_accuracy``; where no accuracy was recorded (a language
+    model, a regression, a model with structured outputs) the lowest ``heldout_loss``. The
+    reason names the metric used.
+    """
 
     name = "best_heldout"
 
-    def __init__(self, metric: str = "heldout_accuracy", mode: str = "max", skip_initial: bool = True) -> None:
+    def __init__(self, metric: str | None = None, mode: str | None = None, skip_initial: bool = True) -> None:
         super().__init__(skip_initial)
-        if mode not in ("max", "min"):
+        if mode not in (None, "max", "min"):
             raise HesdValueError(f"BestHeldout: mode must be 'max' or 'min', got {mode!r}")
         self.metric, self.mode = metric, mode
+
+    def _metric(self, t: pd.DataFrame) -> tuple[str, str]:
+        if self.metric is not None:
+            return self.metric, self.mode or ("min" if self.metric.endswith("loss") else "max")
+        if "heldout_accuracy" in t and t["heldout_accuracy"].notna().any():
+            return "heldout_accuracy", "max"
+        return "heldout_loss", "min"
 
     def select(self, table: pd.DataFrame) -> Selection:
         """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
-        if self.metric not in t or t[self.metric].isna().all():
-            return Selection(self.name, None, None, f"no {self.metric} recorded (pass held-out data)")
-        t = t[t[self.metric].notna()]
-        idx = t[self.metric].idxmax() if self.mode == "max" else t[self.metric].idxmin()
+        metric, mode = self._metric(t)
+        if metric not in t or t[metric].isna().all():
+            return Selection(self.name, None, None, f"no {metric} recorded (pass held-out data)")
+        t = t[t[metric].notna()]
+        idx = t[metric].idxmax() if mode == "max" else t[metric].idxmin()
         row = t.loc[idx]
-        return self._pick(self.name, row, f"{'highest' if self.mode == 'max' else 'lowest'} {self.metric} = "
-                          f"{row[self.metric]:.4f}")  # fmt: skip
+        return self._pick(self.name, row, f"{'highest' if mode == 'max' else 'lowest'} {metric} = "
+                          f"{row[metric]:.4f}")  # fmt: skip
 
 
 def default_rules(ct_threshold: float = -0.6) -> list[SelectionRule]:
@@ -214,17 +227,21 @@ def default_rules(ct_threshold: float = -0.6) -> list[SelectionRule]:
 def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str, dict]:
     """Apply each rule; when held-out accuracy is present, report each pick's gap to the best."""
     out: dict[str, dict] = {}
-    best = None
-    if "heldout_accuracy" in table and table["heldout_accuracy"].notna().any():
-        ok = table[table.get("status", "ok") == "ok"] if "status" in table else table
-        best = float(np.nanmax(ok["heldout_accuracy"])) if len(ok) else None
+    best, metric = None, None
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    for key, better in (("heldout_accuracy", np.nanmax), ("heldout_loss", np.nanmin)):
+        if key in ok and ok[key].notna().any():
+            best, metric = float(better(ok[key].to_numpy(dtype=float))), key
+            break
     for rule in rules:
         sel = rule.select(table)
         entry: dict[str, Any] = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch,
                                  "reason": sel.reason}  # fmt: skip
-        if best is not None and sel.checkpoint is not None:
-            acc = float(table.loc[table["checkpoint"] == sel.checkpoint, "heldout_accuracy"].iloc[0])
-            entry["heldout_accuracy"] = acc
-            entry["gap_to_best"] = best - acc
+        if best is not None and metric is not None and sel.checkpoint is not None:
+            value = float(table.loc[table["checkpoint"] == sel.checkpoint, metric].iloc[0])
+            entry[metric] = value
+            entry["gap_metric"] = metric
+            # how much worse than the best checkpoint: accuracy points lost, or held-out loss added
+            entry["gap_to_best"] = best - value if metric == "heldout_accuracy" else value - best
         out[sel.rule] = entry
     return out

@@ -24,6 +24,7 @@ from ..collectives import broadcast, consensus, rank_and_world, resolve_group
 from ..errors import CheckpointError, HesdError, HesdTypeError, HesdValueError
 from ..operators.data import as_reiterable
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
+from .hf_checkpoints import load_hf_checkpoint
 from .model import analyze_model as analyze_model
 from .recorder import SeriesRecorder
 from .rows import RowIdentity
@@ -66,11 +67,11 @@ class SeriesResult:
 
 
 def analyze_checkpoints(
-    model_factory: Callable[[], nn.Module],
+    model_factory: Callable[[], nn.Module] | None,
     checkpoints: str | Path | Iterable[str | Path],
     data: Any,
     *,
-    loss_fn: Callable = nn.functional.cross_entropy,
+    loss_fn: Any = nn.functional.cross_entropy,
     heldout: Any = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     out_dir: str | Path | None = None,
@@ -86,11 +87,16 @@ def analyze_checkpoints(
     """Analyse a series of checkpoints and choose one.
 
     Args:
-        model_factory: returns a fresh ``nn.Module`` of the checkpoints' architecture.
+        model_factory: returns a fresh ``nn.Module`` of the checkpoints' architecture. For
+            Hugging Face checkpoint folders (:mod:`hesd.analysis.hf_checkpoints`) it may be
+            ``None`` (the model is built from each folder's ``config.json``); for a PEFT adapter
+            folder it builds the base model.
         checkpoints: files, folders or glob patterns; ordered by the epoch or step parsed
-            from their names (``epoch_012.pt``), or by ``epochs``.
+            from their names (``epoch_012.pt``), by a ``Trainer`` folder's ``global_step``, or
+            by ``epochs``.
         data: training data (see :class:`hesd.HessianOperator`).
-        loss_fn: loss (default cross-entropy).
+        loss_fn: loss (default cross-entropy); ``None`` for the model's own loss (Hugging Face
+            models, dict batches), as for :class:`hesd.HessianOperator`.
         heldout: held-out data: loss and accuracy are recorded per checkpoint.
         evaluate: ``evaluate(model) -> {"accuracy": ..., ...}`` instead of the default held-out evaluation.
         out_dir: results folder (durable, resumable); ``None`` keeps everything in memory.
@@ -153,17 +159,19 @@ def analyze_checkpoints(
     cached = broadcast({r["checkpoint"]: r for r in store.rows()} if store is not None else {}, group)
     if progress:
         progress("start", infos)
-    model = model_factory()
-    if not isinstance(model, nn.Module):
-        raise HesdTypeError(f"analyze_checkpoints: model_factory returned {type(model).__name__}, not an nn.Module")
-    if s.dtype is not None:
-        model = model.to(getattr(torch, s.dtype))
-    if s.device is not None:
-        model = model.to(s.device)
+    model = None
+    if any(info.hf_kind is None for info in infos):
+        if model_factory is None:
+            plain = next(info.path for info in infos if info.hf_kind is None)
+            raise HesdValueError(
+                f"analyze_checkpoints: {plain} is a checkpoint file, which needs a model_factory (CLI: --model "
+                "MODULE:FACTORY); only Hugging Face checkpoint folders build their own model"
+            )
+        model = place(model_factory(), s)
     recorder = SeriesRecorder(s, store, rules=rules, order="arrival")
     split = parallel == "checkpoints" and group is not None
     job = CheckpointJob(model, data, loss_fn, heldout, evaluate, s, cached, trust_pickle, progress,
-                        None if split else group)  # fmt: skip
+                        None if split else group, model_factory)  # fmt: skip
     step = world if split else 1
     for start in range(0, len(infos), step):
         chunk = infos[start : start + step]
@@ -181,12 +189,24 @@ def analyze_checkpoints(
     return SeriesResult(table, selections, spectra, failed, Path(out_dir) if out_dir else None, s)
 
 
+def place(model: Any, settings: AnalysisSettings) -> nn.Module:
+    """``model`` checked, in the settings' dtype and on their device."""
+    if not isinstance(model, nn.Module):
+        raise HesdTypeError(f"analyze_checkpoints: the model factory returned {type(model).__name__}, not an nn.Module")
+    if settings.dtype is not None:
+        model = model.to(getattr(torch, settings.dtype))
+    if settings.device is not None:
+        model = model.to(settings.device)
+    return model
+
+
 @dataclass
 class CheckpointJob:
     """Everything :func:`analyze_checkpoints` needs to analyse one checkpoint of a series.
 
     Attributes:
-        model: the model the checkpoint is loaded into (reused across checkpoints).
+        model: the model checkpoint files are loaded into (reused across checkpoints); ``None``
+            when every checkpoint is a Hugging Face folder (each builds its own model).
         data: training data (this rank's shard under data parallelism).
         loss_fn: the loss.
         heldout: held-out data, or ``None``.
@@ -196,9 +216,11 @@ class CheckpointJob:
         trust_pickle: allow arbitrary unpickling of ``.pt`` files.
         progress: the progress hook, or ``None``.
         group: the process group of a data-parallel analysis, or ``None``.
+        model_factory: for Hugging Face folders, builds an adapter's base model (or overrides
+            ``config.json``'s architecture).
     """
 
-    model: nn.Module
+    model: nn.Module | None
     data: Any
     loss_fn: Callable
     heldout: Any
@@ -208,6 +230,7 @@ class CheckpointJob:
     trust_pickle: bool = False
     progress: Callable[[str, Any], None] | None = None
     group: Any = None
+    model_factory: Callable[[], nn.Module] | None = None
 
     def run(self, info: CheckpointInfo) -> tuple[dict, bool]:
         """Analyse the checkpoint ``info``; returns ``(row, new)`` (``new=False``: a stored row resumed)."""
@@ -227,9 +250,10 @@ class CheckpointJob:
             self._progress("cached", prev)
             return prev, False
         self._progress("checkpoint", info)
+        model = self.model
         if error is None:
             try:
-                apply_state_dict(self.model, load_state_dict(info.path, trust_pickle=self.trust_pickle), info.path)
+                model = self._load(info)
             except CHECKPOINT_ERRORS as exc:
                 error = exc
         message = consensus(self.group, error) if self.group is not None else (
@@ -239,14 +263,30 @@ class CheckpointJob:
         else:
             try:
                 cb = (lambda p, j: self._progress("step", (p, j))) if self.progress else None
-                metrics, spec = analyze_model(self.model, self.data, loss_fn=self.loss_fn, heldout=self.heldout,
+                assert model is not None
+                metrics, spec = analyze_model(model, self.data, loss_fn=self.loss_fn, heldout=self.heldout,
                                               evaluate=self.evaluate, settings=self.settings, callback=cb,
                                               process_group=self.group)  # fmt: skip
+                if info.train_epoch is not None:
+                    metrics["train_epoch"] = info.train_epoch
                 row = ident.ok(metrics, spec)
             except CHECKPOINT_ERRORS as exc:
                 row = ident.failed(f"{type(exc).__name__}: {exc}")
         self._progress("done", row)
         return row, True
+
+    def _load(self, info: CheckpointInfo) -> nn.Module:
+        """The model with the checkpoint's weights: a HF folder builds its own, a file goes into ``model``."""
+        if info.hf_kind is not None:
+            factory = self.model_factory
+            adapter = info.hf_kind == "adapter"
+            model = load_hf_checkpoint(
+                info.path, factory if adapter else None, model_factory=None if adapter else factory
+            )
+            return place(model, self.settings)
+        assert self.model is not None
+        apply_state_dict(self.model, load_state_dict(info.path, trust_pickle=self.trust_pickle), info.path)
+        return self.model
 
     def _progress(self, event: str, payload: Any) -> None:
         if self.progress is not None:

@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..analysis.checkpoints import apply_state_dict, load_state_dict
+from ..analysis.hf_checkpoints import hf_checkpoint_kind, load_hf_checkpoint
 from ..analysis.landscape import loss_landscape
 from ..analysis.store import ResultStore
 from ..errors import HesdValueError
@@ -121,9 +122,9 @@ class Progress:
 
 def store_landscape(
     out_dir: str | Path,
-    model_factory: Callable,
+    model_factory: Callable | None,
     data: Any,
-    loss_fn: Callable,
+    loss_fn: Any,
     selections: dict[str, dict],
     *,
     model_mode: str = "eval",
@@ -138,10 +139,17 @@ def store_landscape(
             break
     else:
         return None
-    model = model_factory()
+    kind = hf_checkpoint_kind(ckpt)
+    if kind is not None:
+        model = load_hf_checkpoint(ckpt, model_factory if kind == "adapter" else None,
+                                   model_factory=model_factory if kind == "model" else None)  # fmt: skip
+    else:
+        assert model_factory is not None, "checkpoint files need a model factory"
+        model = model_factory()
     if dtype is not None:
         model = model.to(dtype)
-    apply_state_dict(model, load_state_dict(ckpt, trust_pickle=trust_pickle), ckpt)
+    if kind is None:
+        apply_state_dict(model, load_state_dict(ckpt, trust_pickle=trust_pickle), ckpt)
     land = loss_landscape(model, loss_fn, data, seed=seed, model_mode=model_mode)
     land.update(checkpoint=str(ckpt), rule=rule)
     store = ResultStore.open_existing(out_dir)

@@ -7,6 +7,7 @@ Both wrap :class:`hesd.Monitor`: results go to the same store as ``hesd analyze`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def hf_logits_cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on ``outputs.logits`` (Hugging Face model outputs)."""
+    """Cross-entropy on ``outputs.logits`` of a classification head, for ``(inputs, labels)`` batches.
+
+    For language models (token logits, shifted labels) use the model's own loss instead:
+    ``loss_fn=None`` with dict batches holding ``labels``.
+    """
     logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    if isinstance(logits, torch.Tensor) and logits.ndim > 2:
+        raise HesdValueError(
+            f"hf_logits_cross_entropy: got token logits of shape {tuple(logits.shape)}; for a language model use "
+            "the model's own loss (loss_fn=None, dict batches with 'labels'), which shifts and counts tokens"
+        )
     return nn.functional.cross_entropy(logits, targets)
 
 
@@ -111,15 +121,33 @@ else:  # pragma: no cover - depends on the environment
 
 if _HFCallback is not None:
 
-    class HesdTrainerCallback(_MonitorMixin, _HFCallback):
-        """Analyse the HESD every N epochs of a Hugging Face ``Trainer`` (main process only).
+    class HesdTrainerCallback(_HFCallback):
+        """Analyse the HESD during a Hugging Face ``Trainer`` run (main process only), numbered by step.
+
+        By default the model is analysed each time the ``Trainer`` saves a checkpoint
+        (``on_save``) and once more at the end of training if the last state was not analysed;
+        ``every_n_steps`` or ``every_n_epochs`` analyse on that schedule instead. Rows are numbered
+        by ``global_step`` (fine-tuning counts steps), so a run that ends mid-epoch keeps every
+        row. The loss is the model's own (``loss_fn=None``: dict batches with ``labels``, weighted
+        by loss-bearing tokens), as the ``Trainer`` trains on. Nothing here can end the training
+        run: a failed analysis or save is a warning and a failed row. ``hesd report OUT_DIR``
+        renders the results.
 
         Args:
-            data: ``(inputs_dict, labels)`` batches to take the Hessian on.
+            data: batches to take the Hessian on: dict batches such as
+                ``{input_ids, attention_mask, labels}`` (fixed, un-augmented; e.g.
+                :func:`hesd.lm_batches`).
             out_dir: results folder.
-            every_n_epochs: analyse every this many epochs.
-            loss_fn: default :func:`hf_logits_cross_entropy`.
-            heldout, settings, tensorboard: as for :class:`hesd.Monitor`.
+            every_n_steps: analyse when ``global_step % every_n_steps == 0``.
+            every_n_epochs: analyse at the end of every this many epochs.
+            loss_fn: ``None`` (the model's own loss), a ``loss_fn(outputs, targets)`` for
+                ``(inputs, targets)`` batches, or :class:`hesd.BatchLoss`.
+            heldout: held-out batches (held-out loss per analysis; the held-out pick uses it).
+            settings: :class:`hesd.AnalysisSettings`.
+            tensorboard: a ``SummaryWriter`` or log folder.
+
+        Raises:
+            HesdValueError: both schedules given, or one that is not a positive integer.
         """
 
         def __init__(
@@ -127,24 +155,68 @@ if _HFCallback is not None:
             data: Any,
             out_dir: str | Path,
             *,
-            every_n_epochs: int = 1,
-            loss_fn: Callable = hf_logits_cross_entropy,
+            every_n_steps: int | None = None,
+            every_n_epochs: int | None = None,
+            loss_fn: Any = None,
             heldout: Any = None,
             settings: AnalysisSettings | None = None,
             tensorboard: Any = None,
         ) -> None:
-            self._init_monitor_args(data, out_dir, every_n_epochs, loss_fn, heldout, settings, tensorboard)
+            for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+                if value is not None and not is_int_at_least(value, 1):
+                    raise HesdValueError(f"HesdTrainerCallback: {name} must be a positive integer, got {value!r}")
+            if every_n_steps is not None and every_n_epochs is not None:
+                raise HesdValueError("HesdTrainerCallback: give every_n_steps or every_n_epochs, not both")
+            self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+            self._args = dict(data=data, out_dir=out_dir, loss_fn=loss_fn, heldout=heldout, settings=settings,
+                              tensorboard=tensorboard)  # fmt: skip
+            self.monitor: Monitor | None = None
+            self._done: set[int] = set()
+            self._epochs = 0
+
+        def _analyse(self, state, model) -> None:
+            if not state.is_world_process_zero or model is None or state.global_step in self._done:
+                return
+            try:
+                if self.monitor is None:
+                    a = self._args
+                    self.monitor = Monitor(model, a["data"], loss_fn=a["loss_fn"], out_dir=a["out_dir"],
+                                           heldout=a["heldout"], settings=a["settings"],
+                                           tensorboard=a["tensorboard"], unit="step")  # fmt: skip
+                self._done.add(state.global_step)
+                self.monitor.step(state.global_step, force=True)
+            except Exception as exc:  # never end the training run (a bad folder, bad data)
+                message = f"analysis at step {state.global_step} skipped ({type(exc).__name__}: {exc})"
+                warnings.warn(f"HesdTrainerCallback: {message}; training goes on", RuntimeWarning, stacklevel=2)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            """Analyse every ``every_n_steps`` steps."""
+            if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+                self._analyse(state, model)
+            return control
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            """Analyse after the epoch (main process)."""
-            if state.is_world_process_zero and model is not None:
-                self._monitor_for(model).step(round(state.epoch or 0))
+            """Analyse every ``every_n_epochs`` epochs."""
+            self._epochs += 1
+            if self.every_n_epochs is not None and self._epochs % self.every_n_epochs == 0:
+                self._analyse(state, model)
+            return control
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            """Analyse the state the ``Trainer`` just saved (the default schedule)."""
+            if self.every_n_steps is None and self.every_n_epochs is None:
+                self._analyse(state, model)
             return control
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            """Write the report (main process)."""
+            """Analyse the final state if it was not, then write the report (main process)."""
+            self._analyse(state, model)
             if state.is_world_process_zero and self.monitor is not None:
-                self.monitor.finalize(landscape=False)
+                try:
+                    self.monitor.finalize(landscape=False)
+                except Exception as exc:
+                    warnings.warn(f"HesdTrainerCallback: report skipped ({type(exc).__name__}: {exc})",
+                                  RuntimeWarning, stacklevel=2)  # fmt: skip
             return control
 
 else:  # pragma: no cover - depends on the environment

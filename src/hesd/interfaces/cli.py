@@ -8,18 +8,17 @@ an unwritable or mismatched output folder, a corrupt single checkpoint).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .._version import __version__
-from ..analysis.checkpoints import apply_state_dict, load_state_dict
+from ..analysis.checkpoints import apply_state_dict, discover_checkpoints, load_state_dict
 from ..analysis.model import analyze_model
 from ..analysis.rows import VIEWS
 from ..analysis.series import analyze_checkpoints
 from ..analysis.settings import AnalysisSettings, default_of
 from ..errors import HesdError
-from ..operators.data import as_reiterable
 from .cli_support import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -32,6 +31,7 @@ from .cli_support import (
     read_config,
     tune_allocator,
 )
+from .hf_data import hf_folders, load_batches
 
 app = typer.Typer(
     add_completion=False,
@@ -67,16 +67,31 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A shorter run (tests, smoke checks).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the selections as JSON.")] = False,
+    lm: Annotated[
+        bool,
+        typer.Option(
+            "--lm",
+            help="Instead: a tiny character-level GPT trained with the Hugging Face Trainer on "
+            "standard-library source text, its checkpoint folders analysed by hesd analyze.",
+        ),
+    ] = False,
 ) -> None:
     """Train two short runs on the bundled digits data, analyse both series and write the HTML report.
 
     The runs are SGD with momentum, and the same with aggressive gradient clipping. No arguments needed.
+    With --lm: the transformers workflow (needs pip install 'hesd[transformers]').
     """
-    from .demo import run_demo
-
     try:
-        result = run_demo(out, epochs=4 if quick else epochs, quick=quick, quiet=quiet or as_json)
-    except PermissionError as exc:
+        if lm:
+            from .demo_lm import run_lm_demo
+
+            result = run_lm_demo(out if out != Path("hesd-demo") else Path("hesd-demo-lm"), quick=quick,
+                                 quiet=quiet or as_json)  # fmt: skip
+        else:
+            from .demo import run_demo
+
+            result = run_demo(out, epochs=4 if quick else epochs, quick=quick, quiet=quiet or as_json)
+    except (PermissionError, HesdError) as exc:
         fail(str(exc))
     if as_json:
         emit_json(result)
@@ -88,10 +103,41 @@ def analyze(
     checkpoints: Annotated[
         list[str] | None, typer.Argument(help="Checkpoint files, folders or glob patterns (ordered by epoch in name).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY returning the nn.Module.")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning training batches.")] = None,
-    heldout: Annotated[str | None, typer.Option("--heldout", help="MODULE:FACTORY returning held-out batches.")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN loss(outputs, targets); default CE.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="MODULE:FACTORY returning the nn.Module (Hugging Face folders: optional; an adapter's base model).",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="MODULE:FACTORY returning training batches, or a .txt/.jsonl file or datasets "
+            "folder tokenised with the checkpoint's tokenizer.",
+        ),
+    ] = None,
+    heldout: Annotated[str | None, typer.Option("--heldout", help="Held-out batches, as --data.")] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            "--loss",
+            help="MODULE:FN loss(outputs, targets); default CE, or the model's own loss for Hugging Face folders.",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Tokenizer folder for text data [the checkpoint's].")
+    ] = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / datasets records.")] = "text",
+    label_field: Annotated[
+        str, typer.Option("--label-field", help="Label field, for sequence-classification heads.")
+    ] = "label",
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per text sample.", min=1)] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Text samples per batch.", min=1)] = 8,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", help="Use the first N text samples [all].", min=1)
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results folder (resumable).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     steps: Annotated[
@@ -154,12 +200,24 @@ def analyze(
     model = pick(model, cfg, "model", None)
     data = pick(data, cfg, "data", None)
     out = Path(pick(out, cfg, "out", "")) if pick(out, cfg, "out", None) else None
-    missing = [name for name, v in (("CHECKPOINT", checkpoints), ("--model", model), ("--data", data), ("--out", out))
-               if not v]  # fmt: skip
+    infos = []
+    if checkpoints:
+        try:
+            infos = discover_checkpoints(checkpoints)
+        except (HesdError, FileNotFoundError) as exc:
+            fail(str(exc))
+    try:  # an adapter's base model must be found before any work starts
+        hf = hf_folders(infos, base_given=bool(model))
+    except HesdError as exc:
+        fail(str(exc))
+    needs_model = not infos or len(hf) < len(infos)
+    missing = [name for name, v in (("CHECKPOINT", checkpoints), ("--model", model or not needs_model),
+                                    ("--data", data), ("--out", out)) if not v]  # fmt: skip
     if missing:
         fail(f"missing {', '.join(missing)}. Example: hesd analyze runs/*.pt --model mypkg.models:make_model "
-              "--data mypkg.data:train_batches --out results")  # fmt: skip
-    assert out is not None and checkpoints is not None and model is not None and data is not None
+              "--data mypkg.data:train_batches --out results (Trainer output: hesd analyze out/checkpoint-* "
+              "--data train.txt --out results)")  # fmt: skip
+    assert out is not None and checkpoints is not None and data is not None
     heldout = pick(heldout, cfg, "heldout", None)
     loss = pick(loss, cfg, "loss", None)
     try:
@@ -177,15 +235,17 @@ def analyze(
             params=params or cfg.get("params"),
             max_memory=parse_bytes(pick(max_memory, cfg, "max_memory", None)),
         )
-        model_factory = load_object(model, "--model")
-        loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
-        # Read once: a generator must serve every checkpoint and the landscape after them.
-        train_data = as_reiterable(call_factory(load_object(data, "--data"), "--data", data), "--data")
-        held = call_factory(load_object(heldout, "--heldout"), "--heldout", heldout) if heldout else None
-        held = as_reiterable(held, "--heldout") if held is not None else None
+        model_factory = load_object(model, "--model") if model else None
+        loss_fn: Any = load_object(loss, "--loss") if loss else (None if hf else torch.nn.functional.cross_entropy)
+        text: dict[str, Any] = dict(tokenizer=tokenizer, text_field=text_field, label_field=label_field,
+                                    max_length=max_length, batch_size=batch_size, max_samples=max_samples)  # fmt: skip
+        train_data = load_batches(data, "--data", hf, **text)
+        held = load_batches(heldout, "--heldout", hf, **text) if heldout else None
 
         def make_model():
             return call_factory(model_factory, "--model", model)
+
+        factory = make_model if model_factory is not None else None
 
         group, rank = init_distributed(distributed or bool(cfg.get("distributed", False)), settings.device)
         if group is not None and parallel == "data" and not no_shard:
@@ -195,7 +255,7 @@ def analyze(
         quiet = quiet or rank != 0
         progress = Progress(quiet or as_json, settings.num_steps * settings.num_probes)
         res = analyze_checkpoints(
-            make_model, checkpoints, train_data, loss_fn=loss_fn, heldout=held, out_dir=out, settings=settings,
+            factory, checkpoints, train_data, loss_fn=loss_fn, heldout=held, out_dir=out, settings=settings,
             overwrite=overwrite or bool(cfg.get("overwrite", False)), trust_pickle=trust_pickle, progress=progress,
             process_group=group, parallel=parallel,
         )  # fmt: skip
@@ -206,7 +266,7 @@ def analyze(
     if rank != 0:  # only rank 0 writes the landscape and the report, and prints
         raise typer.Exit(EXIT_PARTIAL if res.failed else EXIT_OK)
     if landscape and ok.any():
-        store_landscape(out, make_model, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
+        store_landscape(out, factory, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
                         trust_pickle=trust_pickle, dtype=getattr(torch, settings.dtype) if settings.dtype else None,
                         seed=settings.seed)  # fmt: skip
     report_path = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -136,10 +137,25 @@ def destroy_group() -> None:
 def print_summary(table, selections) -> None:
     """Print the summary columns of the table and each rule's pick with its reason."""
     cols = [c for c in VIEWS["summary"] if c in table]
-    typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "heldout_accuracy" in cols and table["heldout_accuracy"].isna().all():
+        # no accuracy (a language model, a regression): show the held-out loss instead, or nothing
+        cols = [("heldout_loss" if c == "heldout_accuracy" else c) for c in cols if c != "heldout_accuracy"
+                or ("heldout_loss" in table and table["heldout_loss"].notna().any())]  # fmt: skip
+    shown = table[cols]
+    names = [str(n) for n in table.get("name", [])]
+    if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
+        shown = shown.rename(columns={"epoch": "step"})  # Trainer folders: the series is in steps
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for rule, sel in selections.items():
         pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"
-        typer.echo(f"{rule}: {pick} — {sel['reason']}")
+        gap = ""
+        if sel.get("gap_to_best") is not None and rule != "best_heldout":
+            if sel.get("gap_metric") == "heldout_loss":
+                gap = f" (held-out loss {sel['heldout_loss']:.4g}, {sel['gap_to_best']:+.4g} vs the best)"
+            else:
+                points = 100 * sel["gap_to_best"]
+                gap = f" (held-out accuracy {sel['heldout_accuracy']:.4g}, {points:.2f} points below the best)"
+        typer.echo(f"{rule}: {pick} — {sel['reason']}{gap}")
 
 
 # ------------------------------------------------------------------------------------------------ spectrum

@@ -1,9 +1,12 @@
-"""Training-time monitoring: analyse the model every N epochs from a hand-written loop.
+"""Training-time monitoring: analyse the model every N epochs (or steps) from a training loop.
 
 Rows go to the same :class:`~hesd.analysis.store.ResultStore` layout as ``hesd analyze``,
 so ``hesd report DIR`` works on either. Optionally each analysed state is saved as
-``DIR/checkpoints/epoch_NNN.safetensors`` (so the report can draw the landscape of the
-chosen checkpoint) and the scalars and Ritz-value histogram go to TensorBoard.
+``DIR/checkpoints/epoch_NNNN.safetensors`` (``step_NNNNNNN`` when counting steps), so the
+report can draw the landscape of the chosen checkpoint; tied weights (an output layer sharing
+the embedding) are stored once, as safetensors requires, and restored on loading. The scalars
+and Ritz-value histogram go to TensorBoard. Nothing here ends the training run: a failed save
+or analysis is a warning and a failed row.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from ..analysis.checkpoints import sha256_file
+from ..analysis.checkpoints import sha256_file, tied_groups
 from ..analysis.model import analyze_model
 from ..analysis.recorder import SeriesRecorder
 from ..analysis.rows import VIEWS, RowIdentity
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore
-from ..checks import check_type, is_int_at_least
+from ..checks import check_choice, check_type, is_int_at_least
 from ..errors import HesdValueError
 
 __all__ = ["Monitor"]
@@ -44,6 +47,7 @@ class Monitor:
         save_checkpoints: save each analysed state as safetensors under ``out_dir/checkpoints``.
         tensorboard: a ``SummaryWriter``, a log folder, or ``None``.
         overwrite: discard results in ``out_dir`` made with other settings.
+        unit: ``"epoch"`` or ``"step"``: what :meth:`step`'s number counts (file names, report).
 
     Examples:
         >>> import torch, hesd
@@ -70,6 +74,7 @@ class Monitor:
         save_checkpoints: bool = True,
         tensorboard: Any = None,
         overwrite: bool = False,
+        unit: str = "epoch",
     ) -> None:
         check_type(model, nn.Module, "model", "Monitor", "an nn.Module")
         if not is_int_at_least(every, 1):
@@ -78,13 +83,12 @@ class Monitor:
         self.heldout, self.evaluate = heldout, evaluate
         self.settings = settings or AnalysisSettings()
         self.every = every
+        check_choice(unit, ("epoch", "step"), "unit", "Monitor")
+        self.unit = unit
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.save_checkpoints = save_checkpoints and self.out_dir is not None
-        store = (
-            ResultStore(self.out_dir, {"analysis": self.settings.to_dict(), "source": "monitor"}, overwrite=overwrite)
-            if self.out_dir is not None
-            else None
-        )
+        fingerprint = {"analysis": self.settings.to_dict(), "source": "monitor", "unit": unit}
+        store = ResultStore(self.out_dir, fingerprint, overwrite=overwrite) if self.out_dir is not None else None
         self.recorder = SeriesRecorder(self.settings, store, order="epoch", rows=store.rows() if store else ())
         self._writer = self._make_writer(tensorboard)
 
@@ -102,17 +106,28 @@ class Monitor:
         return SummaryWriter(log_dir=str(tb))
 
     def _save(self, epoch: int) -> tuple[str, str | None]:
+        ident = f"monitor:{self.unit}={epoch}"
         if not self.save_checkpoints:
-            return f"monitor:epoch={epoch}", None
+            return ident, None
         from safetensors.torch import save_file
 
-        path = self.out_dir / "checkpoints" / f"epoch_{epoch:04d}.safetensors"  # type: ignore[operator]
-        path.parent.mkdir(parents=True, exist_ok=True)
+        width = 4 if self.unit == "epoch" else 7
+        path = self.out_dir / "checkpoints" / f"{self.unit}_{epoch:0{width}d}.safetensors"  # type: ignore[operator]
         tmp = path.with_name(f".{path.name}.tmp")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
-        return str(path.resolve()), sha256_file(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state = self.model.state_dict()
+            for names in tied_groups(self.model):  # safetensors refuses shared tensors: keep the first name
+                for alias in names[1:]:
+                    state.pop(alias, None)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, path)
+            return str(path.resolve()), sha256_file(path)
+        except Exception as exc:  # the analysis goes on without a file (no landscape for this state)
+            warnings.warn(f"Monitor: could not save the {self.unit}-{epoch} state ({type(exc).__name__}: {exc}); "
+                          "analysing it without a checkpoint file", RuntimeWarning, stacklevel=3)  # fmt: skip
+            tmp.unlink(missing_ok=True)
+            return ident, None
 
     def step(self, epoch: int, *, force: bool = False) -> dict | None:
         """Analyse now if ``epoch % every == 0`` (or ``force``); return the row, or ``None`` if skipped.
@@ -133,7 +148,7 @@ class Monitor:
             row = identity.ok(metrics, spec)
         except Exception as exc:  # training goes on whatever the analysis met (a bad batch, a model bug)
             warnings.warn(
-                f"Monitor: analysis at epoch {epoch} failed ({type(exc).__name__}: {exc}); training goes on",
+                f"Monitor: analysis at {self.unit} {epoch} failed ({type(exc).__name__}: {exc}); training goes on",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -12,6 +12,7 @@ import html
 import io
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def _fig_density(series: SeriesData):
     for i, (spec, ep) in enumerate(zip(specs, epochs, strict=False)):
         _, d = spec.density(grid, sigma)
         ax.plot(grid, np.maximum(d, 1e-10), color=cmap(i / max(len(specs) - 1, 1)), lw=1.2,
-                label=f"epoch {ep}" if ep is not None and not pd.isna(ep) else f"#{i}")  # fmt: skip
+                label=f"{_unit(ok)} {ep}" if ep is not None and not pd.isna(ep) else f"#{i}")  # fmt: skip
     ax.axvline(0, color="k", lw=0.8, ls=":")
     ax.axvspan(grid[0], 0, color="tab:red", alpha=0.06, label="negative curvature")
     ax.set_yscale("log")
@@ -121,11 +122,28 @@ def _fig_density(series: SeriesData):
     return fig
 
 
+def _unit(t: pd.DataFrame) -> str:
+    """``"step"`` when the checkpoints are step-numbered (Trainer folders, ``step_*``), else ``"epoch"``."""
+    names = [str(n) for n in t["name"]] if "name" in t else []
+    if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
+        return "step"
+    return "epoch"
+
+
+def _gap_text(v: dict) -> str:
+    if v.get("gap_to_best") is None:
+        return ""
+    if v.get("gap_metric") == "heldout_loss":
+        return f"; held-out loss {v['heldout_loss']:.4f}, {v['gap_to_best']:+.4f} above the best"
+    return f"; held-out accuracy {v['heldout_accuracy']:.4f}, {v['gap_to_best'] * 100:.2f} points below the best"
+
+
 def _fig_criteria(series: SeriesData):
     t = series.table[series.table["status"] == "ok"]
     thr = float(series.settings.get("ct_threshold", -0.6))
     has_acc = "heldout_accuracy" in t and t["heldout_accuracy"].notna().any()
-    n = 4 if has_acc else 3
+    has_loss = "heldout_loss" in t and t["heldout_loss"].notna().any()
+    n = 4 if has_acc or has_loss else 3
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.3 * n), sharex=True)
     x = t["epoch"].astype(float).to_numpy() if t["epoch"].notna().all() else np.arange(len(t), dtype=float)
     ax = axes[0]
@@ -157,6 +175,12 @@ def _fig_criteria(series: SeriesData):
         ax = axes[3]
         ax.plot(x, t["heldout_accuracy"], "o-", color="tab:purple")
         ax.set_ylabel("held-out acc.")
+    elif has_loss:  # no accuracy (a language model, a regression): the losses
+        ax = axes[3]
+        ax.plot(x, t["heldout_loss"], "o-", color="tab:purple", label="held-out loss")
+        ax.plot(x, t["train_loss"], "s--", color="tab:gray", label="train loss")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7, loc="upper right")
     for rule, sel in series.selections.items():
         if sel.get("checkpoint") is None:
             continue
@@ -170,7 +194,7 @@ def _fig_criteria(series: SeriesData):
             xe = float(np.flatnonzero(t["checkpoint"] == sel["checkpoint"])[0])
         for a in axes:
             a.axvline(xe, color=color, lw=1.5, alpha=0.7, label=label if a is axes[-1] else None)
-    axes[-1].set_xlabel("epoch")
+    axes[-1].set_xlabel(_unit(t))
     if any(s.get("checkpoint") for s in series.selections.values()):
         axes[-1].legend(fontsize=7, loc="lower right")
     axes[0].set_title(f"{series.label}: criteria over training")
@@ -300,9 +324,11 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
         picks = []
         for rule in ("highest_ct_mp", "smallest_lambda_max"):
             sel = s.selections.get(rule, {})
-            txt = f"epoch {sel['epoch']}" if sel.get("checkpoint") else "none"
+            txt = f"{_unit(t)} {sel['epoch']}" if sel.get("checkpoint") else "none"
             if sel.get("heldout_accuracy") is not None:
                 txt += f" (held-out acc. {sel['heldout_accuracy']:.3f})"
+            elif sel.get("heldout_loss") is not None:
+                txt += f" (held-out loss {sel['heldout_loss']:.3f})"
             picks.append(html.escape(txt))
         summary.append(
             f"<tr><td class='l'>{html.escape(s.label)}</td><td>{len(t)}</td><td>{int((ok['hesd_type'] == 'MP').sum())}"
@@ -311,24 +337,22 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             f"<td class='l'>{picks[1]}</td></tr>"
         )
         slug = "".join(ch if ch.isalnum() else "_" for ch in s.label) or "series"
-        imgs = [("density", _fig_density(s)), ("criteria", _fig_criteria(s))]
-        if s.landscape:
+        imgs = [("density", _fig_density(s)), ("criteria", _fig_criteria(s))] if len(ok) else []
+        if s.landscape and len(ok):
             imgs.append(("landscape", _fig_landscape(s)))
-        figs_html = "".join(
-            f"<h3>{name.title()}</h3><img alt='{name} {html.escape(s.label)}' "
-            f"src='data:image/png;base64,{_save(fig, figdir, f'{slug}_{name}')}'>"
-            for name, fig in imgs
+        figs_html = (
+            "".join(
+                f"<h3>{name.title()}</h3><img alt='{name} {html.escape(s.label)}' "
+                f"src='data:image/png;base64,{_save(fig, figdir, f'{slug}_{name}')}'>"
+                for name, fig in imgs
+            )
+            or "<p class='note'>No checkpoint of this series was analysed successfully: no figures. The "
+            "errors are in the table below.</p>"
         )
         sel_html = "".join(
             f"<div class='pick'><b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
             f"{html.escape(Path(v['checkpoint']).name) if v.get('checkpoint') else '<i>no pick</i>'} — "
-            f"{html.escape(v['reason'])}"
-            + (
-                f"; held-out accuracy {v['heldout_accuracy']:.4f}, {v['gap_to_best'] * 100:.2f} points below the best"
-                if v.get("gap_to_best") is not None
-                else ""
-            )
-            + "</div>"
+            f"{html.escape(v['reason'] + _gap_text(v))}</div>"
             for r, v in s.selections.items()
         )
         settings_html = html.escape(json.dumps(s.manifest, indent=1))

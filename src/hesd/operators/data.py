@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from ..errors import HesdTypeError, HesdValueError
 
-__all__ = ["as_reiterable", "batch_size", "call_model", "is_single_batch", "split_batch", "to_device"]
+__all__ = ["ModelCall", "as_reiterable", "batch_size", "call_model", "is_single_batch", "split_batch", "to_device"]
 
 Batch = tuple[Any, Any]
 
@@ -69,7 +69,10 @@ def split_batch(batch: Any, caller: str) -> Batch:
     """
     if isinstance(batch, Mapping):
         raise HesdTypeError(
-            f"{caller}: a batch must be an (inputs, targets) pair, got a dict; wrap it as (inputs, targets)"
+            f"{caller}: a batch must be an (inputs, targets) pair for loss_fn(outputs, targets), got a dict with keys "
+            f"{sorted(map(str, batch))}. For a model that computes its own loss (Hugging Face models with 'labels' "
+            "in the batch) pass loss_fn=None (CLI: leave out --loss); for any other loss of a dict batch pass "
+            "hesd.BatchLoss(fn) with fn(model, batch) -> loss"
         )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise HesdTypeError(
@@ -126,3 +129,48 @@ def call_model(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor]
     if params is None:
         return model(*args, **kwargs)
     return functional_call(model, dict(params), args, kwargs)
+
+
+class ModelCall:
+    """The model as a loss contract calls it: eagerly, or functionally with given parameter tensors.
+
+    Calling it calls the model (under the forward context's autocast, float outputs cast back to
+    the parameters' dtype); :meth:`on` calls it on a batch's inputs (tensor, tuple or dict);
+    other attributes (``config``, submodules) are the model's. A user's
+    ``fn(model, batch)`` (:class:`hesd.BatchLoss`) receives this, so that forward-over-reverse
+    products can evaluate it with the parameters as tangents.
+
+    Args:
+        model: the network.
+        params: tensors standing in for the model's parameters of the same names, or ``None``.
+        autocast: a context factory entered around each call, or ``None``.
+        dtype: with ``autocast``, the dtype a tensor output is cast back to.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor] | None = None, autocast: Any = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        self.model, self.params, self._autocast, self._dtype = model, params, autocast, dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output on these arguments."""
+        if self._autocast is None:
+            return self._call(args, kwargs)
+        with self._autocast():
+            out = self._call(args, kwargs)
+        return out.to(self._dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.params is None:
+            return self.model(*args, **kwargs)
+        return functional_call(self.model, dict(self.params), args, kwargs)
+
+    def on(self, inputs: Any) -> Any:
+        """The model on a batch's inputs: a dict as keywords, a tuple positionally, else one argument."""
+        if isinstance(inputs, Mapping):
+            return self(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return self(*inputs)
+        return self(inputs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)

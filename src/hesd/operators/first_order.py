@@ -28,7 +28,7 @@ from torch import nn
 
 from ..collectives import agree, all_reduce_sum
 from ..errors import HesdValueError, NonDeterministicError, NonFiniteLossError
-from .data import call_model
+from .data import ModelCall
 from .forward import ForwardContext
 from .layout import ParameterLayout
 from .loss import LossBatch, LossContract
@@ -126,20 +126,15 @@ class Objective:
             HesdValueError: the loss is not a scalar.
             NonFiniteLossError: the loss is NaN or infinite.
         """
-        dtype = self.layout.dtype
-
-        def outputs_of(inputs: Any) -> Any:
-            with self.forward.autocast(self.layout.device):
-                out = call_model(self.model, inputs, params)
-            if self.forward.autocast_dtype is not None and isinstance(out, torch.Tensor):
-                out = out.to(dtype)
-            return out
-
-        loss = self.contract.loss(outputs_of, batch, functional=params is not None)
+        autocast = None
+        if self.forward.autocast_dtype is not None:
+            autocast = lambda: self.forward.autocast(self.layout.device)  # noqa: E731
+        call = ModelCall(self.model, params, autocast, self.layout.dtype)
+        loss = self.contract.loss(call, batch, functional=params is not None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise HesdValueError(
-                f"HessianOperator: loss_fn must return a scalar tensor, got {shape}; use a loss with reduction='mean'"
+                f"HessianOperator: the loss must be a scalar tensor, got {shape}; use a loss with reduction='mean'"
             )
         if params is None and not torch.isfinite(loss.detach()).all():
             raise NonFiniteLossError(
@@ -231,7 +226,7 @@ def _reduce(objective: Objective, losses, grads, total: float, group: Any) -> tu
     weight = objective.contract.weight
     layout = objective.layout
     loss = sum(weight(n, total) * float(v) for n, v in losses)
-    grad = torch.zeros(layout.dim, dtype=layout.dtype, device=layout.device)
+    grad = torch.zeros(layout.dim, dtype=torch.promote_types(layout.dtype, torch.float32), device=layout.device)
     for n, g in grads:
         grad += weight(n, total) * g
     loss_t = all_reduce_sum(torch.as_tensor(loss, dtype=torch.float64, device=layout.device).reshape(1), group)
@@ -302,9 +297,15 @@ def _check_determinism(objective: Objective, state: FirstOrderState, group: Any)
     gdiff = float((grad2 - state.gradient).abs().max()) / scale
     ldiff = abs(loss2 - state.loss) / (abs(state.loss) + 1e-30)
     if gdiff > tol or ldiff > tol or not math.isfinite(gdiff):
+        forward = objective.forward
+        hint = ""
+        if forward.model_mode == "train" and forward.config_dropout:
+            hint = (f"The model's transformers config sets dropout ({', '.join(forward.config_dropout)}), which "
+                    "applies in training mode: use model_mode='eval' (model.eval()) or load the model with those "
+                    "fields at 0.0. ")  # fmt: skip
         raise NonDeterministicError(
             "HessianOperator: two passes over the same data gave different losses or gradients "
-            f"(relative difference {max(gdiff, ldiff):.2e}). Hessian-vector products would be random. "
+            f"(relative difference {max(gdiff, ldiff):.2e}). Hessian-vector products would be random. {hint}"
             "Common causes: dropout or BatchNorm in train mode (use model_mode='eval'), a DataLoader "
             "with random augmentation or drop_last with shuffling (use a fixed, un-augmented loader). "
             "Pass check_deterministic=False to skip this check."

@@ -14,6 +14,11 @@
   backward can only be called in training mode"), and on the CPU oneDNN's ``mkldnn_rnn_layer``
   (a float32 LSTM) has no forward-mode derivative. The native kernels compute the same function.
 
+* a ``transformers`` model with attention, checkpointing and cache set for products
+  (:mod:`hesd.operators.hf_state`);
+* a float64 model's loss in float64 where it upcasts with ``.float()``
+  (:class:`~hesd.operators.rewrites.KeepFloat64`).
+
 Forward-over-reverse products enter :meth:`ForwardContext.functional` as well; the losses whose
 forward-mode derivatives PyTorch lacks are evaluated by their definitions there
 (:mod:`hesd.operators.rewrites`, entered by the loss contract around the loss alone).
@@ -32,6 +37,7 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -43,8 +49,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..checks import check_choice
 from ..errors import HesdValueError
 from .batchnorm import affine_eval_batchnorm, has_running_stat_batchnorm
+from .hf_state import config_dropout, hf_configs, transformer_state
+from .rewrites import KeepFloat64
 
 __all__ = ["DROPOUT_TYPES", "ForwardContext", "backend_enabled", "float32_precision", "model_state"]
+
+logger = logging.getLogger("hesd")
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -159,6 +169,11 @@ class ForwardContext:
             eval_batchnorm == "affine" and model_mode == "eval" and has_running_stat_batchnorm(model)
         )
         self.recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+        self.float64 = any(p.dtype == torch.float64 for p in model.parameters())
+        self.transformers = bool(hf_configs(model))
+        #: dropout probabilities in a transformers config, named by the determinism check if it fails
+        self.config_dropout = config_dropout(model) if self.transformers else []
+        self._said: set[str] = set()
 
     @contextmanager
     def state(self) -> Iterator[None]:
@@ -168,8 +183,15 @@ class ForwardContext:
             model_state(self.model, self.model_mode),
             affine_eval_batchnorm(self.affine_batchnorm),
             backend_enabled(torch.backends.cudnn, False) if on_gpu else nullcontext(),
+            KeepFloat64() if self.float64 else nullcontext(),
+            transformer_state(self.model, self.model_mode, self._say) if self.transformers else nullcontext(),
         ):
             yield
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            logger.warning("hesd: %s.", message)
 
     @contextmanager
     def functional(self) -> Iterator[None]:

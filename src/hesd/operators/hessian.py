@@ -41,7 +41,8 @@ from .first_order import FirstOrderState, Objective, default_budget, first_order
 from .forward import ForwardContext
 from .layout import ParameterLayout
 from .linear import LinearOperator
-from .loss import PairLoss
+from .loss import LossContract
+from .model_loss import loss_contract
 from .products import PASSES
 from .support import batching_note, derivative_gap, unsupported
 from .tuning import BlockMethodChoice, BlockWidthTrial
@@ -61,10 +62,15 @@ class HessianOperator(LinearOperator):
     Args:
         model: any ``nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped).
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean scalar loss
-            (``reduction="sum"`` losses are detected via their ``reduction`` attribute).
-        data: a ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, a one-shot
-            iterator (materialised once), or one ``(inputs, targets)`` batch. Inputs may be a
-            tensor, a tuple (passed positionally) or a dict (passed as keywords).
+            (``reduction="sum"`` losses are detected via their ``reduction`` attribute);
+            ``None``: the loss the model computes itself (Hugging Face models with ``labels``
+            in dict batches), weighted by loss-bearing tokens (:class:`hesd.ModelLoss`);
+            :class:`hesd.BatchLoss` for ``fn(model, batch)``.
+        data: a ``DataLoader``, any re-iterable of batches, a one-shot iterator (materialised
+            once), or one ``(inputs, targets)`` batch. With a ``loss_fn`` a batch is
+            ``(inputs, targets)``, inputs a tensor, a tuple (passed positionally) or a dict
+            (passed as keywords); with ``loss_fn=None`` a batch is the model's arguments (a dict
+            such as ``{input_ids, attention_mask, labels}``).
         params: parameter names, ``fnmatch`` patterns of names (``"layers.3.*"``) or
             parameters to differentiate with respect to, for layer or block analysis; default:
             all with ``requires_grad`` (:class:`~hesd.operators.ParameterLayout`).
@@ -140,7 +146,7 @@ class HessianOperator(LinearOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Any, Any], torch.Tensor],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | LossContract | None,
         data: Any,
         *,
         params: Sequence[str] | Sequence[torch.Tensor] | None = None,
@@ -172,7 +178,8 @@ class HessianOperator(LinearOperator):
                 "place, which torch.func cannot trace); use hvp_method='auto' or 'double_backward'"
             )
         self.model = model
-        self.contract = PairLoss(loss_fn, caller)
+        self.contract = loss_contract(loss_fn, caller)
+        self.contract.bind(model)
         self.forward = ForwardContext(model, model_mode=model_mode, eval_batchnorm=eval_batchnorm,
                                       allow_tf32=allow_tf32, autocast_dtype=autocast_dtype, caller=caller)  # fmt: skip
         self.layout = ParameterLayout.select(model, params, caller)
@@ -182,7 +189,17 @@ class HessianOperator(LinearOperator):
         self.hvp_method = hvp_method
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
-        self.dtype, self.device = self.layout.dtype, self.layout.device
+        # Half-precision models: products accumulate in float32 and vectors are float32 (module docs).
+        self.dtype = torch.promote_types(self.layout.dtype, torch.float32)
+        self.device = self.layout.device
+        if self.dtype != self.layout.dtype:
+            logger.warning(
+                "hesd: the model's parameters are %s: forward and backward passes run in %s, each product is "
+                "accumulated over the batches in float32, and Lanczos runs on float32 vectors (tridiagonal in "
+                "float64).",
+                str(self.layout.dtype).replace("torch.", ""),
+                str(self.layout.dtype).replace("torch.", ""),
+            )
         self.shape = (self.layout.dim, self.layout.dim)
         on_gpu = self.device.type == "cuda"
         width = batch_columns if batch_columns is not None else (8 if on_gpu else 1)
@@ -313,7 +330,7 @@ class HessianOperator(LinearOperator):
 
     def gradient(self) -> torch.Tensor:
         """Flattened gradient of the mean loss over the data."""
-        return self._ensure_prepared().gradient.clone()
+        return self._ensure_prepared().gradient.to(self.dtype)
 
     def start_direction(self) -> torch.Tensor | None:
         """The loss gradient, for Krylov starts (``None`` when zero or not finite).
@@ -364,7 +381,12 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._ensure_prepared()
+        mask = self.layout.defined
+        if mask is not None:  # padding rows of embeddings: no gradient, so no curvature (ParameterLayout.defined)
+            V = V * mask[:, None]
         with self.forward.precision(self.device):
-            out = self.blocks.multiply(V, self._pass)
+            out = self.blocks.multiply(V.to(self.layout.dtype), self._pass).to(self.dtype)
+        if mask is not None:
+            out = out * mask[:, None]
         self.num_matvecs += V.shape[1]
         return all_reduce_sum(out, self.process_group)

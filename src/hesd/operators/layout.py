@@ -46,6 +46,13 @@ class ParameterLayout:
         dim: ``P``, the length of the flat vector.
         dtype: the parameters' dtype (one for all).
         device: the parameters' device (one for all).
+        defined: ``(P,)`` mask of the coordinates whose gradient is defined, or ``None`` (all).
+            Set by :meth:`select` for the padding rows of ``nn.Embedding(padding_idx=...)``
+            weights used by no other module: autograd gives those rows no gradient, so a
+            reverse-over-reverse product sees no curvature there while forward-over-reverse
+            sees the lookup. hesd takes the Hessian over the defined coordinates
+            (:math:`D H D` with :math:`D` this mask), on which every product method agrees. A
+            padding row tied to another module (an output layer) has a gradient and is kept.
     """
 
     def __init__(self, names: Sequence[str], params: Sequence[torch.Tensor], caller: str = "ParameterLayout") -> None:
@@ -67,6 +74,7 @@ class ParameterLayout:
         self.dim = sum(self.numels)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        self.defined: torch.Tensor | None = None
 
     @classmethod
     def select(cls, model: nn.Module, params: Any = None, caller: str = "ParameterLayout") -> ParameterLayout:
@@ -94,7 +102,7 @@ class ParameterLayout:
                     "unfreeze the parameters to analyse, or pass params=[...]"
                 )
             by_name = dict(named)
-            return cls(chosen, [by_name[n] for n in chosen], caller)
+            return cls(chosen, [by_name[n] for n in chosen], caller)._mask_padding(model)
         if isinstance(params, (str, torch.Tensor)):
             params = [params]
         params = list(params.keys()) if isinstance(params, dict) else list(params)
@@ -132,7 +140,31 @@ class ParameterLayout:
         order = {n: i for i, (n, _) in enumerate(named)}
         patterns = any(isinstance(i, str) and is_pattern(i) for i in params)
         names = sorted(wanted, key=order.__getitem__) if patterns else wanted
-        return cls(names, [by_name[n] for n in names], caller)
+        return cls(names, [by_name[n] for n in names], caller)._mask_padding(model)
+
+    def _mask_padding(self, model: nn.Module) -> ParameterLayout:
+        """Set :attr:`defined` for untied embedding padding rows (class docs)."""
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        index = {id(p): i for i, p in enumerate(self.params)}
+        offsets = [0]
+        for n in self.numels:
+            offsets.append(offsets[-1] + n)
+        mask = None
+        for module in model.modules():
+            pad = getattr(module, "padding_idx", None)
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, nn.Embedding) or pad is None or weight is None or id(weight) not in index:
+                continue
+            if uses[id(weight)] > 1:
+                continue  # tied: the row has a gradient through the other use
+            if mask is None:
+                mask = torch.ones(self.dim, dtype=self.dtype, device=self.device)
+            start = offsets[index[id(weight)]] + pad * weight.shape[1]
+            mask[start : start + weight.shape[1]] = 0
+        self.defined = mask
+        return self
 
     # ------------------------------------------------------------------ vectors
     def flatten(self, tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:

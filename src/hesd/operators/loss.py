@@ -15,7 +15,8 @@ Every part of the operator layer (the first-order pass, each product method, the
 check) reads batches only through a contract, so a new kind of loss is one class here.
 
 :class:`PairLoss` is the contract of ``loss_fn(model(inputs), targets)`` over
-``(inputs, targets)`` batches, with one item per sample.
+``(inputs, targets)`` batches, with one item per sample; :mod:`hesd.operators.model_loss` has
+the model's own loss (Hugging Face models, token-level counts) and ``fn(model, batch)``.
 
 Examples:
     >>> import torch
@@ -33,9 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import HesdTypeError, HesdValueError
-from .data import batch_size, split_batch, to_device
+from .data import ModelCall, batch_size, split_batch, to_device
 from .rewrites import FunctionalSafeLosses
 
 __all__ = ["LossBatch", "LossContract", "PairLoss"]
@@ -68,10 +70,11 @@ class LossContract:
         """The batch ``raw`` as the data yields it, moved to ``device``; ``None`` if it holds no item."""
         raise NotImplementedError
 
-    def loss(
-        self, outputs_of: Callable[[Any], Any], batch: LossBatch, functional: bool = False
-    ) -> torch.Tensor:  # pragma: no cover
-        """The batch's loss; ``outputs_of(inputs)`` calls the model (or its functional form).
+    def bind(self, model: nn.Module) -> None:
+        """Learn what the contract needs of ``model`` (e.g. whether a language model is causal)."""
+
+    def loss(self, model: ModelCall, batch: LossBatch, functional: bool = False) -> torch.Tensor:  # pragma: no cover
+        """The batch's loss; ``model`` calls the network (eagerly or in its functional form).
 
         ``functional``: the loss is taken inside forward-over-reverse; losses whose forward-mode
         derivative PyTorch lacks must then be evaluated by their definitions
@@ -115,9 +118,9 @@ class PairLoss(LossContract):
             return None
         return LossBatch(to_device(inputs, device, dtype), to_device(targets, device, dtype), n)
 
-    def loss(self, outputs_of: Callable[[Any], Any], batch: LossBatch, functional: bool = False) -> torch.Tensor:
-        """``loss_fn(outputs_of(inputs), targets)``."""
-        outputs = outputs_of(batch.inputs)
+    def loss(self, model: ModelCall, batch: LossBatch, functional: bool = False) -> torch.Tensor:
+        """``loss_fn(model(inputs), targets)``."""
+        outputs = model.on(batch.inputs)
         if not functional:
             return self.loss_fn(outputs, batch.targets)
         with FunctionalSafeLosses():  # around the loss only: a mode costs every call it sees

@@ -51,12 +51,14 @@ def accumulate(out: torch.Tensor | None, V: torch.Tensor, cols: slice, r: torch.
     """Add the block result ``r`` to columns ``cols`` of ``out``.
 
     The first result that spans every column becomes ``out`` itself (no zero-filled buffer,
-    no extra addition).
+    no extra addition). A half-precision result is accumulated in float32.
     """
+    if r.dtype in (torch.bfloat16, torch.float16):
+        r = r.float()
     if out is None:
         if r.shape[1] == V.shape[1]:
             return r
-        out = torch.zeros_like(V)
+        out = torch.zeros(V.shape, dtype=r.dtype, device=V.device)
     out[:, cols] += r
     return out
 

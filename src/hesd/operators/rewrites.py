@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FunctionalSafeLosses"]
+__all__ = ["FunctionalSafeLosses", "KeepFloat64"]
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -84,3 +84,33 @@ class FunctionalSafeLosses(TorchFunctionMode):
             if result is not None:
                 return result
         return func(*args, **kwargs)
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Casts of a float64 tensor to float32 leave it in float64 inside the block.
+
+    Code written for half-precision training upcasts with ``.float()`` or ``.to(torch.float32)``
+    — Hugging Face's ``ForCausalLMLoss`` does ``logits = logits.float()``, Llama's RMSNorm
+    ``hidden_states.to(torch.float32)`` — which *rounds* a float64 model's activations to
+    float32 and would cap a float64 analysis at float32 accuracy (products then differ by about
+    1e-8 between methods). hesd enters this mode when the parameters are float64, so the model
+    keeps their precision; for float32 and lower nothing changes. Only casts that change
+    nothing but the dtype (``x.float()``, ``x.to(torch.float32)``, ``x.to(dtype=torch.float32)``,
+    ``x.type(torch.float32)``) are kept.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            if func is torch.Tensor.float and len(args) == 1 and not kwargs:
+                return args[0]
+            if func in (torch.Tensor.to, torch.Tensor.type) and _only_float32(args[1:], kwargs):
+                return args[0]
+        return func(*args, **kwargs)
+
+
+def _only_float32(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``.to``/``.type`` arguments ask for float32 and nothing else."""
+    if args == (torch.float32,) and not kwargs:
+        return True
+    return not args and set(kwargs) == {"dtype"} and kwargs["dtype"] is torch.float32
