@@ -91,3 +91,17 @@ def series_worker(
                    f"{out}/series_rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def token_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """A causal LM's own loss on dict batches with unequal token counts, sharded over the ranks."""
+    from hf_models import batches, tiny
+
+    _init(rank, world, init_file)
+    try:
+        model, data = tiny("gpt2"), batches("gpt2", sizes=(2, 3, 4, 1, 3))
+        op = hesd.HessianOperator(model, None, shard(data), process_group=True)
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        torch.save({"hv": op @ v, "loss": op.loss(), "tokens": op.num_samples}, f"{out}/token_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

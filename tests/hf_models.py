@@ -12,7 +12,7 @@ VOCAB = 13
 
 
 def tiny(family: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    """A one-layer model of ``family`` (gpt2, llama, bert-mlm, bert-cls, gpt2-lora), seeded."""
+    """A one-layer model of ``family`` (gpt2, llama, bert-mlm, bert-cls, bert-tok, t5, gpt2-lora), seeded."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -35,11 +35,17 @@ def tiny(family: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
                                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                                    max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
                                                    eos_token_id=2))  # fmt: skip
-    elif family in ("bert-mlm", "bert-cls"):
+    elif family in ("bert-mlm", "bert-cls", "bert-tok"):
         cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=12, max_position_embeddings=16, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0, num_labels=3)  # fmt: skip
-        model = tf.BertForMaskedLM(cfg) if family == "bert-mlm" else tf.BertForSequenceClassification(cfg)
+        heads = {"bert-mlm": tf.BertForMaskedLM, "bert-cls": tf.BertForSequenceClassification,
+                 "bert-tok": tf.BertForTokenClassification}  # fmt: skip
+        model = heads[family](cfg)
+    elif family == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=12, num_layers=1,
+                                                          num_decoder_layers=1, num_heads=2, dropout_rate=0.0,
+                                                          decoder_start_token_id=0, pad_token_id=0))  # fmt: skip
     else:
         raise ValueError(family)
     return model.to(dtype)
@@ -61,5 +67,7 @@ def batches(family: str, seed: int = 1, sizes: tuple[int, ...] = (2, 3, 4)) -> l
                 labels[i, 2] = -100
         if family == "bert-cls":
             labels = torch.randint(0, 3, (rows,), generator=g)
+        elif family == "bert-tok":
+            labels = torch.randint(0, 3, (rows, length), generator=g).masked_fill(labels == -100, -100)
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out

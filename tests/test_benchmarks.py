@@ -14,7 +14,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(*args: str) -> str:
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    # Smoke runs, not timings: the limit only catches a hang (the quick runs take seconds to a few minutes on an
+    # idle 2-core machine; under 3x oversubscription hvp.py --quick once exceeded 600 s).
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=3600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -24,6 +26,13 @@ def test_compare_quick_hesd_only():
     for section in ("one Hessian-vector product", "top-5 eigenvalues", "trace", "HESD verdict"):
         assert section in out
     assert "error" not in out.lower()
+
+
+def test_transformer_families_quick():
+    out = _run(str(BENCH / "transformer_families.py"), "--quick")
+    for family in ("gpt2", "llama", "bert-mlm", "bert-cls", "gpt2-lora"):
+        assert f"\n{family} " in out
+    assert "naive/hesd" in out
 
 
 def test_hvp_benchmark_quick():

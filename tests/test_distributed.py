@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import hesd
-from dist_workers import CE, algorithms_worker, failing_worker, mixed_columns_worker, series_worker
+from dist_workers import CE, algorithms_worker, failing_worker, mixed_columns_worker, series_worker, token_worker
 from helpers import make_case
 from hesd.models import DigitsMLP, load_digits_tensors
 
@@ -50,6 +50,22 @@ def test_data_parallel_matches_single_process(world, tmp_path):
     # Every rank computed bit-identical Lanczos results (same decisions everywhere).
     for r in results[1:]:
         assert r["slq"]["values"] == results[0]["slq"]["values"]
+
+
+def test_token_level_loss_ranks_weighted_by_their_tokens(tmp_path):
+    # Shards of a causal LM's dict batches hold different numbers of label tokens; the ranks'
+    # products are weighted by tokens, so every rank gets the single-process Hessian.
+    from hf_models import batches, tiny
+
+    _spawn(token_worker, 2, tmp_path)
+    model, data = tiny("gpt2"), batches("gpt2", sizes=(2, 3, 4, 1, 3))
+    op = hesd.HessianOperator(model, None, data)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    hv = op @ v
+    for r in range(2):
+        got = torch.load(tmp_path / f"token_rank{r}.pt", weights_only=False)
+        assert got["tokens"] == op.num_samples
+        assert float((got["hv"] - hv).norm() / hv.norm()) < 1e-12 and abs(got["loss"] - op.loss()) < 1e-13
 
 
 def test_ranks_with_different_block_widths_sum_correctly(tmp_path):

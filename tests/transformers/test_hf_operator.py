@@ -21,7 +21,7 @@ from hesd.operators.layout import ParameterLayout
 from hesd.operators.rewrites import KeepFloat64
 from hf_models import batches, tiny
 
-FAMILIES = ["gpt2", "llama", "bert-mlm", "bert-cls", "gpt2-lora"]
+FAMILIES = ["gpt2", "llama", "bert-mlm", "bert-cls", "bert-tok", "t5", "gpt2-lora"]
 CAUSAL = {"gpt2", "llama", "gpt2-lora"}
 
 
@@ -32,9 +32,10 @@ def reference_loss(model, data, family, layout, theta):
     # RMSNorm casts to float32 (keep float64, as hesd does); SDPA's fused CPU kernel has no second derivative.
     with KeepFloat64(), sdpa_kernel(SDPBackend.MATH):
         for b in data:
-            out = functional_call(
-                model, params, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-            )
+            kwargs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+            if family == "t5":  # the decoder's inputs are the labels shifted right; the loss is taken here
+                kwargs["labels"] = b["labels"]
+            out = functional_call(model, params, (), kwargs)
             logits, labels = out.logits, b["labels"]
             if family in CAUSAL:
                 logits, labels = logits[:, :-1], labels[:, 1:]

@@ -180,7 +180,7 @@ def _fig_criteria(series: SeriesData):
         ax.plot(x, t["heldout_loss"], "o-", color="tab:purple", label="held-out loss")
         ax.plot(x, t["train_loss"], "s--", color="tab:gray", label="train loss")
         ax.set_ylabel("loss")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")
     for rule, sel in series.selections.items():
         if sel.get("checkpoint") is None:
             continue
@@ -352,7 +352,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
         sel_html = "".join(
             f"<div class='pick'><b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
             f"{html.escape(Path(v['checkpoint']).name) if v.get('checkpoint') else '<i>no pick</i>'} — "
-            f"{html.escape(v['reason'] + _gap_text(v))}</div>"
+            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' else _gap_text(v)))}</div>"
             for r, v in s.selections.items()
         )
         settings_html = html.escape(json.dumps(s.manifest, indent=1))
