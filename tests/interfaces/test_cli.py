@@ -75,6 +75,43 @@ def test_analyze_from_toml_config(project, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('overwrite = "false"', "overwrite must be true or false, got str 'false'"),
+        ('distributed = "false"', "distributed must be true or false"),
+        ('steps = "ten"', "steps must be an integer, got str 'ten'"),
+        ("steps = 2.5", "steps must be an integer, got float 2.5"),
+        ("stepz = 10", "unknown key 'stepz' (did you mean 'steps'?)"),
+        ("landscpe = false", "unknown key 'landscpe' (did you mean 'landscape'?)"),
+    ],
+)
+def test_config_values_are_checked_strictly(tmp_path, line, message):
+    """A config value of the wrong type was read with bool()/int(): overwrite = "false" deleted results."""
+    cfg = tmp_path / "hesd.toml"
+    cfg.write_text(f'[hesd]\nmodel = "m:f"\ndata = "m:d"\nout = "{tmp_path / "o"}"\n{line}\n')
+    res = runner.invoke(app, ["analyze", "x.pt", "--config", str(cfg)])
+    assert res.exit_code == 2 and message in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_landscape_and_report_keys_are_honoured(project, tmp_path):
+    cfg = tmp_path / "hesd.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        checkpoints = ["{project / 'ckpts' / 'epoch_001.pt'}"]
+        model = "{project / 'usermodels.py'}:make_model"
+        data = "{project / 'usermodels.py'}:train_data"
+        out = "{tmp_path / 'o'}"
+        steps = 5
+        probes = 1
+        landscape = false
+        report = false
+    """))  # fmt: skip
+    res = runner.invoke(app, ["analyze", "--config", str(cfg), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "o" / "report.html").exists() and not (tmp_path / "o" / "landscape.json").exists()
+
+
+@pytest.mark.parametrize(
     ("model_spec", "message"),
     [
         ("nosuchmodule_xyz:make", "cannot import module 'nosuchmodule_xyz'"),

@@ -183,24 +183,45 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, OverflowError) as exc:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save model.state_dict() with "
+            "torch.save, or as .safetensors"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         if "Weights only load failed" in msg or "weights_only" in msg:
+            found = _GLOBAL_RE.search(msg)
+            what = f" ({found.group(1)})" if found else ""
             raise InsecureCheckpointError(
-                f"{path}: refused to load: the file contains pickled Python objects that would run code when "
+                f"{path}: refused to load: the file contains pickled Python objects{what} that would run code when "
                 "loaded (torch.load(weights_only=True) rejected it). Re-save it as a plain state dict "
                 "(torch.save(model.state_dict(), ...)) or as .safetensors; if you created it yourself and trust "
                 "it, pass trust_pickle=True (CLI: --trust-pickle)"
             ) from None
-        raise CheckpointError(f"{path}: corrupt checkpoint ({msg.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first}); re-save or remove it") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint ({msg.splitlines()[0] if msg else 'unpickling'})") from None
+    except Exception as exc:  # a corrupt file can raise anything from the unpickler (IndexError, KeyError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {first}); re-save or remove it"
+        ) from None
     return _unwrap(obj, path)
+
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder or ``constants.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

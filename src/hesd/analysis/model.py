@@ -15,6 +15,7 @@ from torch import nn
 from ..algorithms.eigen import eigenvalues
 from ..algorithms.slq import plan_basis, slq
 from ..algorithms.spectrum import Spectrum
+from ..errors import HesdValueError
 from ..operators import HessianOperator, ParameterLayout
 from ..operators.data import ModelCall, as_reiterable
 from ..operators.forward import model_state
@@ -23,7 +24,7 @@ from ..operators.model_loss import loss_contract
 from .criteria import compare_criteria, criteria, probe_summary
 from .settings import AnalysisSettings
 
-__all__ = ["analyze_model", "select_params"]
+__all__ = ["analyze_model", "check_inputs", "select_params"]
 
 logger = logging.getLogger("hesd")
 
@@ -152,6 +153,40 @@ def analyze_model(
     row["hvps"] = op.num_matvecs
     row["seconds"] = time.perf_counter() - t0
     return row, spec
+
+
+def check_inputs(model: nn.Module, data: Any, loss_fn: Any, params: Any = None, caller: str = "analyze") -> None:
+    """Evaluate the loss on the first batch of ``data`` once, before any long work.
+
+    A wrong batch format, labels out of range, mismatched shapes or a ``params`` selection that
+    matches nothing then stop the run up front with the cause, instead of failing every
+    checkpoint the same way. An empty shard (data parallelism) checks nothing.
+
+    Raises:
+        HesdValueError: the data, the loss and the model do not work together (the message says why).
+    """
+    try:
+        layout = ParameterLayout.select(model, list(params) if params else None, caller)
+        contract = loss_contract(loss_fn, caller)
+        contract.bind(model)
+        for raw in as_reiterable(data, caller, allow_empty=True):
+            batch = contract.prepare(raw, layout.device, layout.dtype)
+            if batch is None:
+                continue
+            with torch.no_grad(), model_state(model, "eval"):
+                loss = contract.loss(ModelCall(model), batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise HesdValueError(f"the loss is not a scalar (got {getattr(loss, 'shape', type(loss).__name__)})")
+            return
+    except HesdValueError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise HesdValueError(
+            f"{caller}: the data and the loss do not work with the model on the first batch ({type(exc).__name__}: "
+            f"{first}). Check the batch format ((inputs, targets), or dict batches with loss_fn=None), the labels' "
+            "range and the shapes; nothing was analysed"
+        ) from None
 
 
 def select_params(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -24,8 +24,10 @@ from ..collectives import broadcast, consensus, rank_and_world, resolve_group
 from ..errors import CheckpointError, HesdError, HesdTypeError, HesdValueError
 from ..operators.data import as_reiterable
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
+from .fingerprint import inputs_fingerprint
 from .hf_checkpoints import load_hf_checkpoint
 from .model import analyze_model as analyze_model
+from .model import check_inputs
 from .recorder import SeriesRecorder
 from .rows import RowIdentity
 from .rows import build_table as build_table
@@ -134,17 +136,29 @@ def analyze_checkpoints(
     if parallel not in ("data", "checkpoints"):
         raise HesdValueError(f"analyze_checkpoints: parallel must be 'data' or 'checkpoints', got {parallel!r}")
     group = resolve_group(process_group)
-    rank, world = rank_and_world(group)
+    rank, _ = rank_and_world(group)
     infos = discover_checkpoints(checkpoints, epochs)
     # A one-shot iterator (a generator, iter(loader)) is read once here, not used up by the first checkpoint.
     # In data-parallel mode a rank's shard may be empty (more ranks than batches).
     data = as_reiterable(data, "analyze_checkpoints", allow_empty=group is not None and parallel == "data")
     if heldout is not None:
         heldout = as_reiterable(heldout, "analyze_checkpoints")
+    model = None
+    if any(info.hf_kind is None for info in infos):
+        if model_factory is None:
+            plain = next(info.path for info in infos if info.hf_kind is None)
+            raise HesdValueError(
+                f"analyze_checkpoints: {plain} is a checkpoint file, which needs a model_factory (CLI: --model "
+                "MODULE:FACTORY); only Hugging Face checkpoint folders build their own model"
+            )
+        model = place(model_factory(), s)
+    _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group)
     store, error = None, None
     if out_dir is not None and rank == 0:
         try:
-            store = ResultStore(out_dir, {"analysis": s.to_dict(), "hesd": __version__}, overwrite=overwrite)
+            fingerprint = {"analysis": s.to_dict(), "hesd": __version__,
+                           "inputs": inputs_fingerprint(data, heldout, loss_fn, model)}  # fmt: skip
+            store = ResultStore(out_dir, fingerprint, overwrite=overwrite)
         except Exception as exc:
             error = exc
     if group is not None:
@@ -155,19 +169,45 @@ def analyze_checkpoints(
             raise HesdValueError(f"analyze_checkpoints: rank 0 failed: {msg}")
     elif error is not None:
         raise error
+    try:
+        return _run_series(infos, model, model_factory, data, loss_fn, heldout, evaluate, s, store, rules,
+                           trust_pickle, progress, group, parallel, out_dir)  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group) -> None:
+    """:func:`~hesd.analysis.model.check_inputs` on the first batch (every rank), before any checkpoint."""
+    error = None
+    try:
+        probe = model
+        if probe is None:  # Hugging Face folders only: the first one that loads (a corrupt one is its own row)
+            for info in infos:
+                try:
+                    probe = CheckpointJob.load_folder(info, model_factory, s)
+                    break
+                except CHECKPOINT_ERRORS:
+                    continue
+        if probe is not None:
+            check_inputs(probe, data, loss_fn, s.params, "analyze_checkpoints")
+    except HesdValueError as exc:
+        error = exc
+    if group is not None:
+        msg = consensus(group, error)
+        if msg is not None:
+            raise error if error is not None else HesdValueError(f"analyze_checkpoints: another rank: {msg}")
+    elif error is not None:
+        raise error
+
+
+def _run_series(infos, model, model_factory, data, loss_fn, heldout, evaluate, s, store, rules, trust_pickle,
+                progress, group, parallel, out_dir) -> SeriesResult:  # fmt: skip
+    rank, world = rank_and_world(group)
     # Rank 0's stored rows decide what is resumed, identically on every rank.
     cached = broadcast({r["checkpoint"]: r for r in store.rows()} if store is not None else {}, group)
     if progress:
         progress("start", infos)
-    model = None
-    if any(info.hf_kind is None for info in infos):
-        if model_factory is None:
-            plain = next(info.path for info in infos if info.hf_kind is None)
-            raise HesdValueError(
-                f"analyze_checkpoints: {plain} is a checkpoint file, which needs a model_factory (CLI: --model "
-                "MODULE:FACTORY); only Hugging Face checkpoint folders build their own model"
-            )
-        model = place(model_factory(), s)
     recorder = SeriesRecorder(s, store, rules=rules, order="arrival")
     split = parallel == "checkpoints" and group is not None
     job = CheckpointJob(model, data, loss_fn, heldout, evaluate, s, cached, trust_pickle, progress,
@@ -275,15 +315,17 @@ class CheckpointJob:
         self._progress("done", row)
         return row, True
 
+    @staticmethod
+    def load_folder(info: CheckpointInfo, factory: Callable[[], nn.Module] | None, settings: AnalysisSettings):
+        """The model of a Hugging Face checkpoint folder (``factory``: an adapter's base, or the architecture)."""
+        adapter = info.hf_kind == "adapter"
+        model = load_hf_checkpoint(info.path, factory if adapter else None, model_factory=None if adapter else factory)
+        return place(model, settings)
+
     def _load(self, info: CheckpointInfo) -> nn.Module:
         """The model with the checkpoint's weights: a HF folder builds its own, a file goes into ``model``."""
         if info.hf_kind is not None:
-            factory = self.model_factory
-            adapter = info.hf_kind == "adapter"
-            model = load_hf_checkpoint(
-                info.path, factory if adapter else None, model_factory=None if adapter else factory
-            )
-            return place(model, self.settings)
+            return self.load_folder(info, self.model_factory, self.settings)
         assert self.model is not None
         apply_state_dict(self.model, load_state_dict(info.path, trust_pickle=self.trust_pickle), info.path)
         return self.model

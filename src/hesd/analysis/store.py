@@ -12,6 +12,14 @@ renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a pr
 killed at any instant leaves either the old file or the new one — never half a row.
 Re-opening a folder with different settings raises :class:`SettingsMismatchError`
 instead of mixing results.
+
+One process writes a results folder at a time: :class:`ResultStore` takes an exclusive OS
+lock on ``.hesd.lock`` (``fcntl.lockf``; released when the process ends, however it ends) and
+a second writer gets :class:`ResultFolderLockedError` naming the holder's pid. Temporary files
+carry their writer's pid (``.NAME.PID.RANDOM.tmp``); on opening, a writer removes only those
+whose process is gone (killed mid-write), never a live process's (``hesd report`` writing the
+report beside a running analysis). Rebuilding a report (:meth:`ResultStore.open_existing`)
+takes no lock.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +37,52 @@ from typing import Any
 from .._version import __version__
 from ..errors import HesdError, HesdFileNotFoundError, HesdPermissionError
 
-__all__ = ["ResultStore", "SettingsMismatchError", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "ResultFolderLockedError",
+    "ResultStore",
+    "SettingsMismatchError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "clean_stale_temporaries",
+]
 
 
 class SettingsMismatchError(HesdError, ValueError):
-    """The results folder was written with other settings."""
+    """The results folder was written with other settings or inputs."""
+
+
+class ResultFolderLockedError(HesdError, RuntimeError):
+    """Another process is writing to the results folder."""
+
+
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | Path) -> int:
+    """Remove ``.*.tmp`` files in ``folder`` whose writer process is gone; return how many.
+
+    Temporary names carry the writer's pid (module docs); one without a pid (written before
+    hesd 0.3) is removed too, as only the lock holder calls this.
+    """
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        m = _TMP_RE.match(tmp.name)
+        if m is None or not _alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 _UMASK = os.umask(0)
@@ -43,7 +93,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -94,13 +144,15 @@ class ResultStore:
         settings: the analysis settings; stored in ``manifest.json`` on first use and
             compared on every later use.
         overwrite: discard existing results written with other settings instead of raising.
+        lock: take the folder's writer lock (module docs); ``False`` only for rebuilding reports.
 
     Raises:
-        SettingsMismatchError: the folder holds results computed with other settings.
+        SettingsMismatchError: the folder holds results computed with other settings or inputs.
+        ResultFolderLockedError: another process is writing to the folder.
         PermissionError: the folder cannot be written.
     """
 
-    def __init__(self, root: str | Path, settings: dict, *, overwrite: bool = False) -> None:
+    def __init__(self, root: str | Path, settings: dict, *, overwrite: bool = False, lock: bool = True) -> None:
         self.root = Path(root)
         self.rows_dir = self.root / "rows"
         try:
@@ -113,10 +165,10 @@ class ResultStore:
             raise HesdPermissionError(
                 f"ResultStore: the results folder {self.root} is not writable; choose another --out"
             )
-        for stale in self.root.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        for stale in self.rows_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        self._lock_file = self._lock() if lock else None
+        if lock:  # left by a process killed mid-write (rows, tables, figures)
+            for folder in (self.root, self.rows_dir, self.root / "figures"):
+                clean_stale_temporaries(folder)
         self.settings = _jsonable(settings)
         manifest = self.root / "manifest.json"
         if manifest.exists():
@@ -125,8 +177,9 @@ class ResultStore:
                 if not overwrite:
                     diff = self._diff(stored.get("settings", {}), self.settings)
                     raise SettingsMismatchError(
-                        f"ResultStore: {self.root} holds results computed with other settings ({diff}). "
-                        "Use another output folder, or overwrite=True (CLI: --overwrite) to discard them"
+                        f"ResultStore: {self.root} holds results computed with other settings or inputs ({diff}); "
+                        "resuming would mix them. Use another output folder, or overwrite=True (CLI: --overwrite) "
+                        "to discard them"
                     )
                 for f in self.rows_dir.glob("*.json"):
                     f.unlink()
@@ -142,11 +195,48 @@ class ResultStore:
             )  # fmt: skip
         self.manifest = json.loads(manifest.read_text())
 
+    def _lock(self) -> Any:
+        """Take the exclusive writer lock on ``.hesd.lock`` (POSIX; elsewhere no lock)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        f = open(self.root / ".hesd.lock", "a+")  # held open for the store's lifetime
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ResultFolderLockedError(
+                f"ResultStore: {self.root} is being written by another hesd process (pid {holder}). Wait for it "
+                "to finish, or write to another --out; two runs on one folder would overwrite each other's tables"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
+
+    def close(self) -> None:
+        """Release the writer lock (also released when the process ends)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     @staticmethod
-    def _diff(a: dict, b: dict) -> str:
+    def _diff(a: dict, b: dict, prefix: str = "") -> str:
         keys = sorted(set(a) | set(b))
-        parts = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-        return "; ".join(parts[:6]) or "different settings"
+        parts = []
+        for k in keys:
+            x, y = a.get(k), b.get(k)
+            if x == y:
+                continue
+            if isinstance(x, dict) and isinstance(y, dict):
+                parts.append(ResultStore._diff(x, y, f"{prefix}{k}."))
+            else:
+                parts.append(f"{prefix}{k}: {x!r} → {y!r}")
+        return "; ".join(p for p in parts[:6] if p) or "different settings"
 
     @classmethod
     def open_existing(cls, root: str | Path) -> ResultStore:
@@ -154,7 +244,7 @@ class ResultStore:
         manifest = Path(root) / "manifest.json"
         if not manifest.exists():
             raise HesdFileNotFoundError(f"ResultStore: {root} holds no hesd results (no manifest.json)")
-        return cls(root, json.loads(manifest.read_text())["settings"])
+        return cls(root, json.loads(manifest.read_text())["settings"], lock=False)
 
     @staticmethod
     def key_for(identity: str) -> str:

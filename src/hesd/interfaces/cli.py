@@ -30,6 +30,7 @@ from .cli_support import (
     print_summary,
     read_config,
     tune_allocator,
+    write_density_plot,
 )
 from .hf_data import hf_folders, load_batches
 
@@ -129,12 +130,14 @@ def analyze(
     tokenizer: Annotated[
         str | None, typer.Option("--tokenizer", help="Tokenizer folder for text data [the checkpoint's].")
     ] = None,
-    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / datasets records.")] = "text",
+    text_field: Annotated[
+        str | None, typer.Option("--text-field", help="Text field of .jsonl / datasets records [text].")
+    ] = None,
     label_field: Annotated[
-        str, typer.Option("--label-field", help="Label field, for sequence-classification heads.")
-    ] = "label",
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per text sample.", min=1)] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Text samples per batch.", min=1)] = 8,
+        str | None, typer.Option("--label-field", help="Label field, for sequence-classification heads [label].")
+    ] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per text sample [128].", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Text samples per batch [8].", min=1)] = None,
     max_samples: Annotated[
         int | None, typer.Option("--max-samples", help="Use the first N text samples [all].", min=1)
     ] = None,
@@ -172,8 +175,8 @@ def analyze(
         bool, typer.Option("--distributed", help="Run data/checkpoint-parallel under torchrun (gloo/NCCL).")
     ] = False,
     parallel: Annotated[
-        str, typer.Option("--parallel", help="With --distributed: 'data' (shard batches) or 'checkpoints'.")
-    ] = "data",
+        str | None, typer.Option("--parallel", help="With --distributed: 'data' (shard batches) or 'checkpoints'.")
+    ] = None,
     no_shard: Annotated[
         bool, typer.Option("--no-shard", help="With --distributed: the data factory already returns this rank's shard.")
     ] = False,
@@ -181,8 +184,10 @@ def analyze(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE; own files only).")
     ] = False,
-    landscape: Annotated[bool, typer.Option("--landscape/--no-landscape", help="Loss landscape of the pick.")] = True,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Write DIR/report.html.")] = True,
+    landscape: Annotated[
+        bool | None, typer.Option("--landscape/--no-landscape", help="Loss landscape of the pick [on].")
+    ] = None,
+    report: Annotated[bool | None, typer.Option("--report/--no-report", help="Write DIR/report.html [on].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table and selections as JSON.")] = False,
 ) -> None:
@@ -220,6 +225,10 @@ def analyze(
     assert out is not None and checkpoints is not None and data is not None
     heldout = pick(heldout, cfg, "heldout", None)
     loss = pick(loss, cfg, "loss", None)
+    parallel = pick(parallel, cfg, "parallel", "data")
+    no_shard = no_shard or cfg.get("no_shard", False)
+    landscape = pick(landscape, cfg, "landscape", True)
+    report = pick(report, cfg, "report", True)
     try:
         settings = AnalysisSettings(
             num_steps=int(pick(steps, cfg, "steps", default_of("num_steps"))),
@@ -237,8 +246,12 @@ def analyze(
         )
         model_factory = load_object(model, "--model") if model else None
         loss_fn: Any = load_object(loss, "--loss") if loss else (None if hf else torch.nn.functional.cross_entropy)
-        text: dict[str, Any] = dict(tokenizer=tokenizer, text_field=text_field, label_field=label_field,
-                                    max_length=max_length, batch_size=batch_size, max_samples=max_samples)  # fmt: skip
+        text: dict[str, Any] = dict(
+            tokenizer=pick(tokenizer, cfg, "tokenizer", None), text_field=pick(text_field, cfg, "text_field", "text"),
+            label_field=pick(label_field, cfg, "label_field", "label"),
+            max_length=pick(max_length, cfg, "max_length", 128), batch_size=pick(batch_size, cfg, "batch_size", 8),
+            max_samples=pick(max_samples, cfg, "max_samples", None),
+        )  # fmt: skip
         train_data = load_batches(data, "--data", hf, **text)
         held = load_batches(heldout, "--heldout", hf, **text) if heldout else None
 
@@ -313,6 +326,8 @@ def spectrum(
     from ._common import call_factory, load_object
     from .demo import text_histogram
 
+    if plot is not None and (plot.suffix.lower() not in (".png", ".svg", ".pdf") or not plot.parent.is_dir()):
+        fail(f"--plot {plot}: give a .png, .svg or .pdf path in an existing folder (checked before any work)")
     try:
         factory = load_object(model, "--model")
         net = call_factory(factory, "--model", model)
@@ -333,22 +348,7 @@ def spectrum(
     except (HesdError, ValueError) as exc:
         fail(str(exc))
     if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        t, d = spec.density()
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.semilogy(t, np.maximum(d, 1e-10))
-        ax.axvline(0, color="k", ls=":")
-        ax.set_xlabel("eigenvalue λ")
-        ax.set_ylabel("density")
-        ax.set_title(f"{checkpoint.name}: {row['hesd_type']}-HESD, Ct = {row['ct']:.3f}")
-        fig.tight_layout()
-        fig.savefig(plot)
-        plt.close(fig)
+        write_density_plot(plot, spec, f"{checkpoint.name}: {row['hesd_type']}-HESD, Ct = {row['ct']:.3f}")
     keys = VIEWS["spectrum"]
     summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint)}
     if as_json:

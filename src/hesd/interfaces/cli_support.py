@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import difflib
 import json
 import math
 import re
@@ -20,6 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "CONFIG_KEYS",
     "EXIT_BAD_INPUT",
     "EXIT_OK",
     "EXIT_PARTIAL",
@@ -31,6 +33,7 @@ __all__ = [
     "print_summary",
     "read_config",
     "tune_allocator",
+    "write_density_plot",
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -72,8 +75,38 @@ def emit_json(obj: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ demo
+_STR, _INT, _FLOAT, _BOOL, _STRS = "a string", "an integer", "a number", "true or false", "a list of strings"
+
+#: ``hesd analyze`` options a config file may set, and the TOML type each must have
+CONFIG_KEYS: dict[str, str] = {
+    "checkpoints": _STRS, "model": _STR, "data": _STR, "heldout": _STR, "loss": _STR, "out": _STR,
+    "steps": _INT, "probes": _INT, "seed": _INT, "device": _STR, "dtype": _STR, "model_mode": _STR,
+    "lr": _FLOAT, "ct_threshold": _FLOAT, "n": _FLOAT, "heldout_criteria": _BOOL, "params": _STRS,
+    "max_memory": _STR, "distributed": _BOOL, "parallel": _STR, "no_shard": _BOOL, "overwrite": _BOOL,
+    "landscape": _BOOL, "report": _BOOL, "tokenizer": _STR, "text_field": _STR, "label_field": _STR,
+    "max_length": _INT, "batch_size": _INT, "max_samples": _INT,
+}  # fmt: skip
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _FLOAT:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _STRS:
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return isinstance(value, str) or (kind == _STR and isinstance(value, int) and not isinstance(value, bool))
+
+
 def read_config(path: Path | None) -> dict:
-    """The options in a TOML file (its ``[hesd]`` table, or the whole file); ``{}`` without a file."""
+    """The options in a TOML file (its ``[hesd]`` table, or the whole file), checked; ``{}`` without a file.
+
+    Every key must be a known option (:data:`CONFIG_KEYS`) with a value of its TOML type —
+    ``overwrite = "false"`` is refused rather than read as true, ``steps = 2.5`` rather than
+    truncated — and each problem is named with the key and what it must be (exit 2).
+    """
     if path is None:
         return {}
     try:
@@ -82,7 +115,23 @@ def read_config(path: Path | None) -> dict:
         fail(f"--config: {path} does not exist.")
     except tomllib.TOMLDecodeError as exc:
         fail(f"--config: {path} is not valid TOML ({exc}). Fix the file.")
-    return cfg.get("hesd", cfg)
+    cfg = cfg.get("hesd", cfg)
+    problems = []
+    for key, value in cfg.items():
+        kind = CONFIG_KEYS.get(key)
+        if kind is None:
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+        elif not _type_ok(value, kind):
+            problems.append(f"{key} must be {kind}, got {type(value).__name__} {value!r}")
+    if problems:
+        fail(f"--config {path}: " + "; ".join(problems) + f". Known keys: {', '.join(sorted(CONFIG_KEYS))}")
+    if isinstance(cfg.get("checkpoints"), str):
+        cfg["checkpoints"] = [cfg["checkpoints"]]
+    if isinstance(cfg.get("params"), str):
+        cfg["params"] = [cfg["params"]]
+    return cfg
 
 
 def pick(cli: Any, cfg: dict, key: str, default: Any) -> Any:
@@ -159,3 +208,23 @@ def print_summary(table, selections) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ spectrum
+
+
+def write_density_plot(path: Path, spec: Any, title: str) -> None:
+    """``hesd spectrum --plot``: the smoothed density on a log scale, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    t, d = spec.density()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.semilogy(t, np.maximum(d, 1e-10))
+    ax.axvline(0, color="k", ls=":")
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
