@@ -94,3 +94,14 @@ def test_a_series_survives_its_corrupt_checkpoints(tmp_path):
     res = hesd.analyze_checkpoints(model, good, data, settings=settings)
     assert res.table["status"].tolist() == ["ok", "failed", "ok"]
     assert "epoch_1.pt" in res.table["error"].iloc[1]
+
+
+def test_which_checkpoint_is_the_initialisation(tmp_path):
+    from hesd.analysis.checkpoints import CheckpointInfo
+
+    cases = {"epoch_000.pt": True, "init.pt": True, "model_init_3.pt": True, "epoch=0-step=10.ckpt": False,
+             "epoch=0-step=0.ckpt": True, "epoch_003.pt": False, "definitive_epoch_1.pt": False}  # fmt: skip
+    for name, initial in cases.items():
+        from hesd.analysis.checkpoints import parse_epoch
+
+        assert CheckpointInfo(tmp_path / name, parse_epoch(name)).initial is initial, name

@@ -108,11 +108,20 @@ def test_lightning_callback(tmp_path):
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
     cb = hesd.HesdLightningCallback((X, y), tmp_path / "pl", every_n_epochs=1, settings=FAST)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])  # fmt: skip
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb, ckpt])  # fmt: skip
     trainer.fit(Module(), DataLoader(TensorDataset(X, y), batch_size=16))
     t = pd.read_csv(tmp_path / "pl" / "results.csv")
-    assert t["epoch"].tolist() == [1, 2] and (t["status"] == "ok").all()
+    # Lightning's own numbering (ModelCheckpoint writes epoch=0-step=4.ckpt after the first epoch): one
+    # convention, and epoch 0 is a trained epoch, not the initialisation, so a rule may pick it
+    assert t["epoch"].tolist() == [0, 1] and (t["status"] == "ok").all() and not t["initial"].any()
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names[0].startswith("epoch=0-step=")
+    from hesd.analysis.checkpoints import discover_checkpoints
+
+    infos = discover_checkpoints(tmp_path / "ckpt")
+    assert [i.epoch for i in infos] == [0, 1] and not any(i.initial for i in infos)
     assert (tmp_path / "pl" / "report.html").exists()
 
 

@@ -40,6 +40,7 @@ __all__ = [
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _EPOCH_RE = re.compile(r"(?:epoch|step|ep|iter|it|global_step)[=_\-]?(\d+)", re.IGNORECASE)
 _NUM_RE = re.compile(r"(\d+)(?!.*\d)")
+_STEP_RE = re.compile(r"step[=_\-]?(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,21 @@ class CheckpointInfo:
     path: Path
     epoch: int | None
     train_epoch: float | None = None
+
+    @property
+    def initial(self) -> bool:
+        """Whether the checkpoint is the initialisation: position 0 and no later step in its name.
+
+        ``epoch_000.pt`` and ``init.pt`` are; Lightning's ``epoch=0-step=10.ckpt`` (saved after the
+        first epoch) and a ``Trainer`` folder with ``global_step`` > 0 are not.
+        """
+        name = self.path.name.lower()
+        if re.search(r"(?<![a-z])init", name):
+            return True
+        if self.epoch != 0:
+            return False
+        step = _STEP_RE.search(name)
+        return step is None or int(step.group(1)) == 0
 
     @property
     def hf_kind(self) -> str | None:

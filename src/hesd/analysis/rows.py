@@ -48,6 +48,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("name", "the checkpoint's file name", True),
     Column("epoch", "epoch or step parsed from the name (or given; a Trainer folder's global_step)"),
     Column("train_epoch", "training epoch a Trainer folder's trainer_state.json records"),
+    Column("initial", "the checkpoint is the initialisation (selection rules skip it)"),
     Column("status", "'ok' or 'failed'", True),
     Column("lambda_min", "smallest Hessian eigenvalue (certified by restarted Lanczos)"),
     Column("lambda_max", "largest Hessian eigenvalue (certified by restarted Lanczos)"),
@@ -113,16 +114,20 @@ class RowIdentity:
         name: its display name.
         epoch: epoch or step, if known.
         sha256: the file's hash, if there is a file.
+        initial: the checkpoint is the initialisation (default: ``epoch == 0``).
     """
 
     checkpoint: str
     name: str
     epoch: int | None = None
     sha256: str | None = None
+    initial: bool | None = None
 
     def base(self) -> dict[str, Any]:
         """The identity as row keys."""
-        return {"checkpoint": self.checkpoint, "name": self.name, "epoch": self.epoch, "sha256": self.sha256}
+        initial = self.initial if self.initial is not None else self.epoch == 0
+        return {"checkpoint": self.checkpoint, "name": self.name, "epoch": self.epoch, "sha256": self.sha256,
+                "initial": bool(initial)}  # fmt: skip
 
     def failed(self, error: str) -> dict[str, Any]:
         """A failed row with ``error`` (``"Type: message"``)."""

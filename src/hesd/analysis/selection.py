@@ -110,9 +110,18 @@ class SelectionRule:
         self.skip_initial = skip_initial
 
     def candidates(self, table: pd.DataFrame) -> pd.DataFrame:
-        """The rows a rule may pick: analysed ones, without the initial checkpoint if so set."""
+        """The rows a rule may pick: analysed ones, without the initial checkpoint if so set.
+
+        A row is the initialisation when its ``initial`` column says so (set from the checkpoint's
+        name: ``epoch_000.pt`` is, Lightning's ``epoch=0-step=10.ckpt`` is not); rows without
+        that column (stored by hesd before 0.3) fall back to ``epoch == 0``.
+        """
         t = table[table["status"] == "ok"] if "status" in table else table
-        if self.skip_initial and "epoch" in t:
+        if not self.skip_initial:
+            return t
+        if "initial" in t and t["initial"].notna().any():
+            return t[~t["initial"].fillna(False).astype(bool)]
+        if "epoch" in t:
             t = t[~(t["epoch"] == 0)]
         return t
 
@@ -224,6 +233,14 @@ def default_rules(ct_threshold: float = -0.6) -> list[SelectionRule]:
     return [HighestCtAmongMP(ct_threshold), SmallestLambdaMax(), BestHeldout()]
 
 
+def _skipped_note(rule: SelectionRule, ok: pd.DataFrame) -> str:
+    """``"; the initialisation (NAME) is not a candidate"`` when the rule skipped one."""
+    if not rule.skip_initial or "initial" not in ok or not ok["initial"].fillna(False).astype(bool).any():
+        return ""
+    names = ok.loc[ok["initial"].fillna(False).astype(bool), "name" if "name" in ok else "checkpoint"]
+    return f"; the initialisation ({', '.join(map(str, names))}) is not a candidate"
+
+
 def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str, dict]:
     """Apply each rule; when held-out accuracy is present, report each pick's gap to the best."""
     out: dict[str, dict] = {}
@@ -236,7 +253,7 @@ def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str,
     for rule in rules:
         sel = rule.select(table)
         entry: dict[str, Any] = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch,
-                                 "reason": sel.reason}  # fmt: skip
+                                 "reason": sel.reason + _skipped_note(rule, ok)}  # fmt: skip
         if best is not None and metric is not None and sel.checkpoint is not None:
             value = float(table.loc[table["checkpoint"] == sel.checkpoint, metric].iloc[0])
             entry[metric] = value

@@ -280,7 +280,7 @@ class CheckpointJob:
             digest = sha256_file(info.path)
         except OSError as exc:
             error = CheckpointError(f"{info.path}: cannot read ({exc.strerror})")
-        ident = RowIdentity(str(info.path), info.name, info.epoch, digest)
+        ident = RowIdentity(str(info.path), info.name, info.epoch, digest, info.initial)
         prev = self.cached.get(ident.checkpoint)
         reuse = error is None and prev is not None and prev.get("status") == "ok" and prev.get("sha256") == digest
         if self.group is not None:  # every rank must take the same branch, or the collectives below deadlock

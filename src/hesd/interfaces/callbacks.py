@@ -101,9 +101,15 @@ if _pl is not None:
             self._init_monitor_args(data, out_dir, every_n_epochs, loss_fn, heldout, settings, tensorboard)
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            """Analyse after the epoch (rank 0), numbered as Lightning numbers epochs plus one."""
+            """Analyse after the epoch (rank 0), numbered as Lightning numbers it (0: the first epoch).
+
+            The same numbers as ``ModelCheckpoint``'s ``epoch=N`` file names, so a later
+            ``hesd analyze`` of those files lines up; no row is the initialisation.
+            """
             if trainer.global_rank == 0:
-                self._monitor_for(pl_module).step(trainer.current_epoch + 1)
+                epoch = trainer.current_epoch
+                if epoch % self._args["every"] == self._args["every"] - 1:
+                    self._monitor_for(pl_module).step(epoch, force=True, initial=False)
 
         def on_fit_end(self, trainer, pl_module) -> None:
             """Write the landscape and the report (rank 0)."""
@@ -184,7 +190,7 @@ if _HFCallback is not None:
                                            heldout=a["heldout"], settings=a["settings"],
                                            tensorboard=a["tensorboard"], unit="step")  # fmt: skip
                 self._done.add(state.global_step)
-                self.monitor.step(state.global_step, force=True)
+                self.monitor.step(state.global_step, force=True, initial=state.global_step == 0)
             except Exception as exc:  # never end the training run (a bad folder, bad data)
                 message = f"analysis at step {state.global_step} skipped ({type(exc).__name__}: {exc})"
                 warnings.warn(f"HesdTrainerCallback: {message}; training goes on", RuntimeWarning, stacklevel=2)

@@ -136,7 +136,9 @@ def analyze(
     label_field: Annotated[
         str | None, typer.Option("--label-field", help="Label field, for sequence-classification heads [label].")
     ] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per text sample [128].", min=1)] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Tokens per text sample [128, at most the model's].", min=1)
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Text samples per batch [8].", min=1)] = None,
     max_samples: Annotated[
         int | None, typer.Option("--max-samples", help="Use the first N text samples [all].", min=1)

@@ -20,6 +20,7 @@ record's ``label_field``. The first ``max_samples`` samples are used, in file or
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+
+logger = logging.getLogger("hesd")
 
 
 def is_text_data(spec: str) -> bool:
@@ -203,6 +206,22 @@ def head_of(model_folder: str | Path) -> str:
     return "classification"
 
 
+def _max_positions(folder: Path) -> int | None:
+    """The longest sequence the checkpoint's model takes (``n_positions``/``max_position_embeddings``)."""
+    cfg_path = folder / "config.json"
+    if hf_checkpoint_kind(folder) == "adapter":
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        cfg_path = Path(base or "") / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return None
+
+
 def text_batches(spec: str, checkpoint: str | Path, *, tokenizer: str | None = None, text_field: str = "text",
                  label_field: str = "label", max_length: int = 128, batch_size: int = 8,
                  max_samples: int | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
@@ -214,6 +233,11 @@ def text_batches(spec: str, checkpoint: str | Path, *, tokenizer: str | None = N
         if base:
             sources.append(base)
     tok = load_tokenizer(sources)
+    limit = _max_positions(p)
+    if limit is not None and max_length > limit:
+        logger.warning("hesd: --max-length %d is more than the model's %d positions: samples are cut to %d tokens",
+                       max_length, limit, limit)  # fmt: skip
+        max_length = limit
     samples, labels = read_samples(spec, text_field, label_field)
     return lm_batches(tok, samples, head=head_of(p), max_length=max_length, batch_size=batch_size,
                       max_samples=max_samples, labels=labels, group=Path(spec).suffix == ".txt")  # fmt: skip

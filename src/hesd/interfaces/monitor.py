@@ -129,16 +129,18 @@ class Monitor:
             tmp.unlink(missing_ok=True)
             return ident, None
 
-    def step(self, epoch: int, *, force: bool = False) -> dict | None:
+    def step(self, epoch: int, *, force: bool = False, initial: bool | None = None) -> dict | None:
         """Analyse now if ``epoch % every == 0`` (or ``force``); return the row, or ``None`` if skipped.
 
-        A failure (e.g. a non-finite loss) is recorded as a failed row with a warning;
-        training is not interrupted.
+        ``initial``: the state is the initialisation, which selection rules skip (default:
+        ``epoch == 0``, i.e. numbered from 1 after each epoch; pass ``False`` when 0 is the first
+        trained epoch, as in Lightning). A failure (e.g. a non-finite loss) is recorded as a
+        failed row with a warning; training is not interrupted.
         """
         if not force and epoch % self.every != 0:
             return None
         ident, digest = self._save(epoch)
-        identity = RowIdentity(ident, Path(ident).name if digest else ident, int(epoch), digest)
+        identity = RowIdentity(ident, Path(ident).name if digest else ident, int(epoch), digest, initial)
         spec = None
         try:
             metrics, spec = analyze_model(
