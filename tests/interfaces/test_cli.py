@@ -218,3 +218,23 @@ def test_a_generator_data_factory_serves_every_checkpoint_and_the_landscape(proj
     table = pd.read_csv(tmp_path / "gen" / "results.csv")
     assert (table["status"] == "ok").all() and len(table) == 4
     assert (tmp_path / "gen" / "landscape.json").exists()
+
+
+def test_process_group_timeout_is_set_and_checked(monkeypatch):
+    """torch's default collective timeout is 30 minutes: a stopped rank held the job that long."""
+    import torch.distributed as dist
+    import typer
+
+    from hesd.interfaces.cli_support import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("HESD_DIST_TIMEOUT", "42")
+    init_distributed(True, None)
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 42
+    monkeypatch.setenv("HESD_DIST_TIMEOUT", "soon")
+    with pytest.raises(typer.Exit):
+        init_distributed(True, None)

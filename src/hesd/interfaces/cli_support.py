@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from ..analysis.decision import decide
 from ..analysis.rows import VIEWS
 
 if sys.version_info >= (3, 11):
@@ -153,7 +154,12 @@ def parse_bytes(text: Any) -> int | None:
 
 
 def init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
-    """Join the torchrun job (gloo on CPU, NCCL on CUDA); returns (group, rank)."""
+    """Join the torchrun job (gloo on CPU, NCCL on CUDA); returns (group, rank).
+
+    Collectives time out after ``HESD_DIST_TIMEOUT`` seconds (default 600, not torch's 30
+    minutes), so a rank that hangs (stopped, deadlocked) ends the job with an error instead of
+    holding every other rank; a rank that dies is reported by the others at once.
+    """
     if not enabled:
         return None, 0
     import os
@@ -168,7 +174,16 @@ def init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
             import torch
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        from datetime import timedelta
+
+        raw = os.environ.get("HESD_DIST_TIMEOUT", "600")
+        try:
+            seconds = float(raw)
+            if not seconds > 0:
+                raise ValueError
+        except ValueError:
+            fail(f"HESD_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+        dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
         # Tear the group down before the interpreter exits: without it gloo's threads can be
         # destroyed mid-flight ("terminate called without an active exception"), seen once in
         # tests/test_distributed.py::test_cli_under_torchrun.
@@ -192,8 +207,9 @@ def print_summary(table, selections) -> None:
                 or ("heldout_loss" in table and table["heldout_loss"].notna().any())]  # fmt: skip
     shown = table[cols]
     names = [str(n) for n in table.get("name", [])]
+    unit = "epoch"
     if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
-        shown = shown.rename(columns={"epoch": "step"})  # Trainer folders: the series is in steps
+        shown, unit = shown.rename(columns={"epoch": "step"}), "step"  # Trainer folders: the series is in steps
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for rule, sel in selections.items():
         pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"
@@ -205,6 +221,10 @@ def print_summary(table, selections) -> None:
                 points = 100 * sel["gap_to_best"]
                 gap = f" (held-out accuracy {sel['heldout_accuracy']:.4g}, {points:.2f} points below the best)"
         typer.echo(f"{rule}: {pick} — {sel['reason']}{gap}")
+    decision = decide(table, selections, unit)
+    typer.echo(f"\n{decision.sentence}")
+    for warning in decision.warnings:
+        typer.echo(f"  ! {warning}")
 
 
 # ------------------------------------------------------------------------------------------------ spectrum

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
+from ..analysis.decision import decide
 from ..analysis.rows import VIEWS, build_table, records
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
@@ -254,9 +255,20 @@ h1{margin-bottom:0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.MP{color:#1a7f37;font-weight:600}.MN{color:#cf222e;font-weight:600}
 .failed{background:#fff0f0}img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:13px}
-.pick{background:#f6fff6;border-left:4px solid #1a7f37;padding:.5em 1em;margin:.5em 0}
+.pick{background:#f6f6f6;border-left:4px solid #888;padding:.5em 1em;margin:.5em 0}
+.pick.good{background:#f6fff6;border-color:#1a7f37}.pick.fair{background:#fffbea;border-color:#bf8700}
+.pick.poor{background:#fff0f0;border-color:#cf222e}.flag{color:#cf222e;font-size:13px}
+.headline{font-size:17px;background:#f6f8fa;border:1px solid #d0d7de;padding:.7em 1em;margin:1em 0}
+.warn{color:#9a6700;font-size:14px;margin:.2em 0 .2em 1em}
 code{background:#f3f3f3;padding:1px 4px}
 """
+
+
+def _headline_html(label: str | None, d: Any) -> str:
+    """The decision sentence and its warnings (``label``: the series, in a multi-series page)."""
+    prefix = f"<b>{html.escape(label)}</b>: " if label else ""
+    warns = "".join(f"<div class='warn'>⚠ {html.escape(w)}</div>" for w in d.warnings)
+    return f"<div class='headline'>{prefix}{html.escape(d.sentence)}{warns}</div>"
 
 
 def _fmt(v: Any) -> str:
@@ -317,7 +329,8 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
     summary = ["<h2>Summary</h2><table><tr><th class='l'>series</th><th>checkpoints</th><th>MP</th><th>MN</th>"
                "<th>quasi-singular</th><th>failed</th><th class='l'>paper's pick (highest Ct among MP)</th>"
                "<th class='l'>smallest λmax pick</th></tr>"]  # fmt: skip
-    sections = []
+    sections: list[str] = []
+    headlines: list[str] = []
     for s in series:
         t = s.table
         ok = t[t["status"] == "ok"]
@@ -349,10 +362,15 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             or "<p class='note'>No checkpoint of this series was analysed successfully: no figures. The "
             "errors are in the table below.</p>"
         )
+        decision = decide(t, s.selections, _unit(t))
+        headlines.append(_headline_html(s.label if len(series) > 1 else None, decision))
         sel_html = "".join(
-            f"<div class='pick'><b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
+            f"<div class='pick {decision.grades.get(r, 'good' if r == 'best_heldout' else 'unknown')}'>"
+            f"<b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
             f"{html.escape(Path(v['checkpoint']).name) if v.get('checkpoint') else '<i>no pick</i>'} — "
-            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' else _gap_text(v)))}</div>"
+            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' else _gap_text(v)))}"
+            + "".join(f"<div class='flag'>⚠ {html.escape(f)}</div>" for f in decision.flags.get(r, []))
+            + "</div>"
             for r, v in s.selections.items()
         )
         settings_html = html.escape(json.dumps(s.manifest, indent=1))
@@ -367,7 +385,8 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
     versions = "".join(f"<tr><td class='l'>{k}</td><td class='l'>{html.escape(v)}</td></tr>" for k, v in
                        _versions().items())  # fmt: skip
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{_CSS}</style></head><body>{''.join(parts)}{''.join(summary)}{''.join(sections)}"
+           f"<style>{_CSS}</style></head><body>{''.join(parts)}"
+           f"{''.join(headlines)}{''.join(summary)}{''.join(sections)}"
            f"<h2>Versions</h2><table>{versions}</table></body></html>")  # fmt: skip
     atomic_write_text(out, doc)
     return out

@@ -190,13 +190,13 @@ class HessianOperator(LinearOperator):
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
         # Half-precision models: products accumulate in float32 and vectors are float32 (module docs).
-        self.dtype = torch.promote_types(self.layout.dtype, torch.float32)
+        half = self.layout.dtype in (torch.bfloat16, torch.float16)
+        self.dtype = torch.float64 if half else self.layout.dtype
         self.device = self.layout.device
-        if self.dtype != self.layout.dtype:
+        if half:
             logger.warning(
                 "hesd: the model's parameters are %s: forward and backward passes run in %s, each product is "
-                "accumulated over the batches in float32, and Lanczos runs on float32 vectors (tridiagonal in "
-                "float64).",
+                "accumulated over the batches in float32, and the Lanczos recurrence runs in float64.",
                 str(self.layout.dtype).replace("torch.", ""),
                 str(self.layout.dtype).replace("torch.", ""),
             )
@@ -330,7 +330,7 @@ class HessianOperator(LinearOperator):
 
     def gradient(self) -> torch.Tensor:
         """Flattened gradient of the mean loss over the data."""
-        return self._ensure_prepared().gradient.to(self.dtype)
+        return self._ensure_prepared().gradient.to(self.dtype, copy=True)
 
     def start_direction(self) -> torch.Tensor | None:
         """The loss gradient, for Krylov starts (``None`` when zero or not finite).
