@@ -20,7 +20,7 @@ Examples:
     >>> d.keep, d.grades["highest_ct_mp"], d.warnings
     ('b', 'good', [])
     >>> d.sentence.split("; ")[1]
-    'held-out accuracy 0.97, 0.00 points below the best.'
+    'held-out accuracy 0.97, the best of the series.'
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def grade(entry: dict[str, Any]) -> str:
 def _gap(entry: dict[str, Any]) -> str:
     if entry.get("gap_to_best") is None:
         return ""
+    metric = "held-out loss" if entry.get("gap_metric") == "heldout_loss" else "held-out accuracy"
+    if entry["gap_to_best"] == 0:
+        return f"{metric} {entry[entry['gap_metric']]:.4g}, the best of the series"
     if entry.get("gap_metric") == "heldout_loss":
         return f"held-out loss {entry['heldout_loss']:.4g}, {entry['gap_to_best']:+.3g} above the best checkpoint's"
     return f"held-out accuracy {entry['heldout_accuracy']:.4g}, {100 * entry['gap_to_best']:.2f} points below the best"
