@@ -25,13 +25,14 @@ Examples:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-__all__ = ["Decision", "decide", "grade"]
+__all__ = ["Decision", "decide", "grade", "series_unit"]
 
 _RULES = {"highest_ct_mp": "the paper's rule (highest Ct among MP checkpoints)",
           "smallest_lambda_max": "the classic rule (smallest λmax)"}  # fmt: skip
@@ -54,6 +55,14 @@ class Decision:
     grades: dict[str, str] = field(default_factory=dict)
     flags: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+def series_unit(table: pd.DataFrame) -> str:
+    """``"step"`` when every checkpoint is step-numbered (``checkpoint-500``, ``step_*``), else ``"epoch"``."""
+    names = [str(n) for n in table["name"]] if "name" in table else []
+    if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
+        return "step"
+    return "epoch"
 
 
 def grade(entry: dict[str, Any]) -> str:

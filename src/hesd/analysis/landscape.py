@@ -46,10 +46,6 @@ def filter_normalized_direction(params: dict[str, torch.Tensor], seed: int) -> d
     return out
 
 
-def _mean_loss(model, params, data, contract, device, dtype) -> float:
-    return mean_loss(model, contract, data, device, dtype, params)[0]
-
-
 def loss_landscape(
     model: nn.Module,
     loss_fn: Callable,
@@ -94,7 +90,7 @@ def loss_landscape(
 
     def loss_at(d1, d2, a: float, b: float) -> float:
         params = {n: base[n] + a * d1[n] + b * d2[n] for n in names}
-        return _mean_loss(model, params, data, op.contract, op.device, op.layout.dtype)
+        return mean_loss(model, op.contract, data, op.device, op.layout.dtype, params)[0]
 
     result: dict[str, Any] = {"eigenvalues": lam, "residuals": top.residuals.tolist()}
     with torch.no_grad(), model_state(model, model_mode):

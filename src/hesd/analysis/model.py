@@ -20,7 +20,7 @@ from ..operators import HessianOperator, ParameterLayout
 from ..operators.data import ModelCall, as_reiterable
 from ..operators.forward import model_state
 from ..operators.loss import PairLoss
-from ..operators.model_loss import loss_contract
+from ..operators.model_loss import loss_contract, mean_loss
 from .criteria import compare_criteria, criteria, probe_summary
 from .settings import AnalysisSettings
 
@@ -37,25 +37,23 @@ def _heldout_eval(model: nn.Module, data: Iterable, loss_fn: Any, device, dtype)
     """
     contract = loss_contract(loss_fn, "heldout")
     contract.bind(model)
-    pair = isinstance(contract, PairLoss)
-    total, loss_sum, correct, classify, structured = 0, 0.0, 0, pair, False
+    data = as_reiterable(data, "heldout")
+    if not isinstance(contract, PairLoss):  # the model's own loss or fn(model, batch): no outputs to score
+        with model_state(model, "eval"):
+            return {"heldout_loss": mean_loss(model, contract, data, device, dtype)[0]}
+    total, loss_sum, correct, classify, structured = 0, 0.0, 0, True, False
     with torch.no_grad(), model_state(model, "eval"):
-        for raw in as_reiterable(data, "heldout"):
+        for raw in data:
             batch = contract.prepare(raw, device, dtype)
             if batch is None:
                 continue
-            call = ModelCall(model)
-            if pair:
-                out = call.on(batch.inputs)
-                loss = loss_fn(out, batch.targets)
-                y = batch.targets
-                if classify and isinstance(out, torch.Tensor) and out.ndim == 2 and not y.is_floating_point():
-                    correct += int((out.argmax(1) == y).sum())
-                else:
-                    classify, structured = False, structured or not isinstance(out, torch.Tensor)
+            out = ModelCall(model).on(batch.inputs)
+            y = batch.targets
+            if classify and isinstance(out, torch.Tensor) and out.ndim == 2 and not y.is_floating_point():
+                correct += int((out.argmax(1) == y).sum())
             else:
-                loss = contract.loss(call, batch)
-            loss_sum += contract.weight(batch.count, 1.0) * float(loss)
+                classify, structured = False, structured or not isinstance(out, torch.Tensor)
+            loss_sum += contract.weight(batch.count, 1.0) * float(loss_fn(out, y))
             total += batch.count
     res = {"heldout_loss": loss_sum / max(total, 1)}
     if classify:

@@ -6,14 +6,13 @@ import atexit
 import difflib
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
-from ..analysis.decision import decide
+from ..analysis.decision import decide, series_unit
 from ..analysis.rows import VIEWS
 
 if sys.version_info >= (3, 11):
@@ -206,10 +205,9 @@ def print_summary(table, selections) -> None:
         cols = [("heldout_loss" if c == "heldout_accuracy" else c) for c in cols if c != "heldout_accuracy"
                 or ("heldout_loss" in table and table["heldout_loss"].notna().any())]  # fmt: skip
     shown = table[cols]
-    names = [str(n) for n in table.get("name", [])]
-    unit = "epoch"
-    if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
-        shown, unit = shown.rename(columns={"epoch": "step"}), "step"  # Trainer folders: the series is in steps
+    unit = series_unit(table)
+    if unit == "step":  # Trainer folders: the series is in steps
+        shown = shown.rename(columns={"epoch": "step"})
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for rule, sel in selections.items():
         pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"

@@ -184,20 +184,29 @@ def lm_batches(
     return out
 
 
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    """An adapter folder's ``adapter_config.json`` (``{}`` for a model folder)."""
+    if hf_checkpoint_kind(folder) != "adapter":
+        return {}
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+def _model_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a model folder, or of an adapter's base model (``{}`` if unreadable)."""
+    base = _adapter_config(folder).get("base_model_name_or_path")
+    cfg_path = (Path(base) if base else folder) / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def head_of(model_folder: str | Path) -> str:
     """The head of a checkpoint folder's architecture: ``"causal"``, ``"masked"`` or ``"classification"``."""
     p = Path(model_folder)
-    cfg_path = p / "config.json"
-    if hf_checkpoint_kind(p) == "adapter":
-        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        cfg_path = Path(base or "") / "config.json"
-        task = json.loads((p / "adapter_config.json").read_text()).get("task_type", "")
-        if task == "CAUSAL_LM":
-            return "causal"
-    try:
-        names = json.loads(cfg_path.read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        names = []
+    if _adapter_config(p).get("task_type", "") == "CAUSAL_LM":
+        return "causal"
+    names = _model_config(p).get("architectures") or []
     name = names[0] if names else ""
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal"
@@ -208,14 +217,7 @@ def head_of(model_folder: str | Path) -> str:
 
 def _max_positions(folder: Path) -> int | None:
     """The longest sequence the checkpoint's model takes (``n_positions``/``max_position_embeddings``)."""
-    cfg_path = folder / "config.json"
-    if hf_checkpoint_kind(folder) == "adapter":
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        cfg_path = Path(base or "") / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return None
+    cfg = _model_config(folder)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             return int(cfg[key])
@@ -228,10 +230,9 @@ def text_batches(spec: str, checkpoint: str | Path, *, tokenizer: str | None = N
     """``--data PATH``: the file or folder as batches for the checkpoint's head (module docs)."""
     p = Path(checkpoint)
     sources: list[str | Path] = [tokenizer] if tokenizer else [p]
-    if not tokenizer and hf_checkpoint_kind(p) == "adapter":
-        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if base:
-            sources.append(base)
+    base = None if tokenizer else _adapter_config(p).get("base_model_name_or_path")
+    if base:
+        sources.append(base)
     tok = load_tokenizer(sources)
     limit = _max_positions(p)
     if limit is not None and max_length > limit:

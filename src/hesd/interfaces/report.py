@@ -12,7 +12,6 @@ import html
 import io
 import json
 import platform
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
-from ..analysis.decision import decide
+from ..analysis.decision import decide, series_unit
 from ..analysis.rows import VIEWS, build_table, records
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
@@ -110,7 +109,7 @@ def _fig_density(series: SeriesData):
     for i, (spec, ep) in enumerate(zip(specs, epochs, strict=False)):
         _, d = spec.density(grid, sigma)
         ax.plot(grid, np.maximum(d, 1e-10), color=cmap(i / max(len(specs) - 1, 1)), lw=1.2,
-                label=f"{_unit(ok)} {ep}" if ep is not None and not pd.isna(ep) else f"#{i}")  # fmt: skip
+                label=f"{series_unit(ok)} {ep}" if ep is not None and not pd.isna(ep) else f"#{i}")  # fmt: skip
     ax.axvline(0, color="k", lw=0.8, ls=":")
     ax.axvspan(grid[0], 0, color="tab:red", alpha=0.06, label="negative curvature")
     ax.set_yscale("log")
@@ -121,14 +120,6 @@ def _fig_density(series: SeriesData):
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     return fig
-
-
-def _unit(t: pd.DataFrame) -> str:
-    """``"step"`` when the checkpoints are step-numbered (Trainer folders, ``step_*``), else ``"epoch"``."""
-    names = [str(n) for n in t["name"]] if "name" in t else []
-    if names and all(re.search(r"(?:checkpoint-|step[=_-]?)\d+", n) for n in names):
-        return "step"
-    return "epoch"
 
 
 def _gap_text(v: dict) -> str:
@@ -195,7 +186,7 @@ def _fig_criteria(series: SeriesData):
             xe = float(np.flatnonzero(t["checkpoint"] == sel["checkpoint"])[0])
         for a in axes:
             a.axvline(xe, color=color, lw=1.5, alpha=0.7, label=label if a is axes[-1] else None)
-    axes[-1].set_xlabel(_unit(t))
+    axes[-1].set_xlabel(series_unit(t))
     if any(s.get("checkpoint") for s in series.selections.values()):
         axes[-1].legend(fontsize=7, loc="lower right")
     axes[0].set_title(f"{series.label}: criteria over training")
@@ -337,7 +328,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
         picks = []
         for rule in ("highest_ct_mp", "smallest_lambda_max"):
             sel = s.selections.get(rule, {})
-            txt = f"{_unit(t)} {sel['epoch']}" if sel.get("checkpoint") else "none"
+            txt = f"{series_unit(t)} {sel['epoch']}" if sel.get("checkpoint") else "none"
             if sel.get("heldout_accuracy") is not None:
                 txt += f" (held-out acc. {sel['heldout_accuracy']:.3f})"
             elif sel.get("heldout_loss") is not None:
@@ -362,7 +353,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             or "<p class='note'>No checkpoint of this series was analysed successfully: no figures. The "
             "errors are in the table below.</p>"
         )
-        decision = decide(t, s.selections, _unit(t))
+        decision = decide(t, s.selections, series_unit(t))
         headlines.append(_headline_html(s.label if len(series) > 1 else None, decision))
         sel_html = "".join(
             f"<div class='pick {decision.grades.get(r, 'good' if r == 'best_heldout' else 'unknown')}'>"

@@ -170,9 +170,9 @@ class ForwardContext:
         )
         self.recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
         self.float64 = any(p.dtype == torch.float64 for p in model.parameters())
-        self.transformers = bool(hf_configs(model))
+        self.hf_configs = hf_configs(model)
         #: dropout probabilities in a transformers config, named by the determinism check if it fails
-        self.config_dropout = config_dropout(model) if self.transformers else []
+        self.config_dropout = config_dropout(self.hf_configs)
         self._said: set[str] = set()
 
     @contextmanager
@@ -184,7 +184,9 @@ class ForwardContext:
             affine_eval_batchnorm(self.affine_batchnorm),
             backend_enabled(torch.backends.cudnn, False) if on_gpu else nullcontext(),
             KeepFloat64() if self.float64 else nullcontext(),
-            transformer_state(self.model, self.model_mode, self._say) if self.transformers else nullcontext(),
+            transformer_state(self.model, self.hf_configs, self.model_mode, self._say)
+            if self.hf_configs
+            else nullcontext(),
         ):
             yield
 

@@ -189,7 +189,7 @@ class HessianOperator(LinearOperator):
         self.hvp_method = hvp_method
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
-        # Half-precision models: products accumulate in float32 and vectors are float32 (module docs).
+        # Half-precision models: products accumulate in float32, vectors (the Lanczos recurrence) are float64.
         half = self.layout.dtype in (torch.bfloat16, torch.float16)
         self.dtype = torch.float64 if half else self.layout.dtype
         self.device = self.layout.device

@@ -50,10 +50,10 @@ def hf_configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def config_dropout(model: nn.Module) -> list[str]:
-    """``"field=value"`` for every positive dropout probability in the model's ``transformers`` configs."""
+def config_dropout(configs: list[Any]) -> list[str]:
+    """``"field=value"`` for every positive dropout probability in these ``transformers`` configs."""
     found = []
-    for config in hf_configs(model):
+    for config in configs:
         for key, value in config.to_dict().items():
             lowered = key.lower()
             if ("dropout" in lowered or lowered.endswith("pdrop")) and isinstance(value, float) and value > 0:
@@ -92,9 +92,12 @@ def _switch_attention(model: nn.Module, say: Any) -> Iterator[None]:
 
 
 @contextmanager
-def transformer_state(model: nn.Module, model_mode: str, say: Any) -> Iterator[None]:
-    """The switches of the module docs, restored on exit; ``say(message)`` logs a switch."""
-    configs = [c for c in hf_configs(model) if getattr(c, "use_cache", None)]
+def transformer_state(model: nn.Module, configs: list[Any], model_mode: str, say: Any) -> Iterator[None]:
+    """The switches of the module docs, restored on exit; ``say(message)`` logs a switch.
+
+    ``configs``: the model's configs (:func:`hf_configs`, found once per operator, not per pass).
+    """
+    configs = [c for c in configs if getattr(c, "use_cache", None)]
     checkpointed = []
     if model_mode == "train":
         checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]

@@ -278,7 +278,7 @@ def mean_loss(
     loss the operator takes the Hessian of; ``params`` evaluates the model at other values.
     Call it in the state the model should run in (e.g. :func:`hesd.operators.model_state`).
     """
-    total, loss = 0, 0.0
+    loss = 0.0
     prepared = [b for b in (contract.prepare(raw, device, dtype) for raw in data) if b is not None]
     with torch.no_grad():
         values = [(b, float(contract.loss(ModelCall(model, params), b))) for b in prepared]
