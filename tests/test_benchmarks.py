@@ -80,3 +80,10 @@ def test_compare_hesd_tol_sweep_stops_at_the_first_inaccurate_tol(tmp_path):
 def test_allocator_benchmark_quick():
     out = _run(str(BENCH / "allocator.py"), "--quick", "--tune")
     assert "tune_cpu_allocator:" in out and "run 2:" in out and "system" in out
+
+
+def test_finite_difference_benchmark_quick():
+    out = _run(str(BENCH / "finite_difference.py"), "--quick")
+    for model in ("MLP tanh", "CNN GELU", "CNN ReLU"):
+        assert f"\n{model} " in out
+    assert "fd/exact" in out

@@ -238,3 +238,24 @@ def test_process_group_timeout_is_set_and_checked(monkeypatch):
     monkeypatch.setenv("HESD_DIST_TIMEOUT", "soon")
     with pytest.raises(typer.Exit):
         init_distributed(True, None)
+
+
+def test_finite_difference_products_from_the_command_line(project, tmp_path):
+    """--hvp-method reaches the products, is part of the folder's settings (never mixed), and is checked."""
+    out = tmp_path / "fd"
+    res = _analyze(project, out, "--quiet", "--no-landscape", "--no-report", "--hvp-method", "finite_difference")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["settings"]["analysis"]["hvp_method"] == "finite_difference"
+    res = _analyze(project, out, "--quiet", "--no-landscape", "--no-report")  # auto: other products, refused
+    assert res.exit_code == 2 and "hvp_method" in res.output and "--overwrite" in res.output
+    exact = tmp_path / "exact"
+    assert _analyze(project, exact, "--quiet", "--no-landscape", "--no-report").exit_code == 0
+    a, b = pd.read_csv(out / "results.csv"), pd.read_csv(exact / "results.csv")
+    assert (abs(a["train_loss"] - b["train_loss"]) < 1e-6).all()
+    assert (abs(a["lambda_max"] - b["lambda_max"]) < 2e-2 * abs(b["lambda_max"])).all()
+    res = _analyze(project, tmp_path / "bad", "--hvp-method", "fd")
+    assert res.exit_code == 2 and "hvp_method must be one of" in res.output and "finite_difference" in res.output
+    p = project / "usermodels.py"
+    args = ["spectrum", str(project / "ckpts" / "epoch_003.pt"), "--model", f"{p}:make_model", "--data"]
+    res = runner.invoke(app, [*args, f"{p}:train_data", *FAST, "--hvp-method", "finite_difference", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["hesd_type"] in ("MP", "MN")

@@ -109,3 +109,20 @@ def test_products_equal_the_dense_hessian(name, method, width, dtype):
     err = float((HV.double() - H @ V).abs().max()) / scale
     assert err < tol, (name, method, width, err)
     assert op.num_matvecs == k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BY_NAME)
+def test_finite_difference_products_equal_the_dense_hessian_to_their_error_bound(name, dtype):
+    """Central differences of the gradient at the default step: about u^(2/3) relative error
+    (hesd.operators.finite_difference); measured at most 5e-10 in float64 and 3.2e-4 in float32."""
+    case = BY_NAME[name]
+    H = reference(name)
+    op = _operator(name, "finite_difference", 1, dtype)
+    V = torch.randn(H.shape[0], 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    before = [p.detach().clone() for p in op.model.parameters()]
+    HV = op @ V.to(dtype)
+    assert all(torch.equal(a, b) for a, b in zip(before, op.model.parameters(), strict=True)), name
+    tol = 2e-9 if dtype == torch.float64 else 1e-3
+    err = float((HV.double() - H @ V).abs().max()) / max(1.0, float(H.abs().max()))
+    assert err < tol, (name, case.model_mode, err)

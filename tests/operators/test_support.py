@@ -191,6 +191,7 @@ def test_auto_moves_to_forward_over_reverse_when_double_backward_is_missing(capl
 
 @pytest.mark.parametrize("name", ["ctc", "multi_margin"])
 def test_losses_pytorch_cannot_differentiate_twice_get_a_clear_error(name):
+    """The exact methods name the operation and point to finite differences (test_finite_difference.py: auto)."""
     g = torch.Generator().manual_seed(6)
     if name == "ctc":
         T, N, C = 6, 3, 4
@@ -206,13 +207,14 @@ def test_losses_pytorch_cannot_differentiate_twice_get_a_clear_error(name):
         data = (torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g))
         loss = F.multi_margin_loss
         ops = ("aten::multi_margin_loss_backward", "multi_margin_loss")
-    for method, named in (("auto", ops), ("graph", ops[:1]), ("func", ops[1:])):
+    for method, named in (("graph", ops[:1]), ("func", ops[1:])):  # auto differences gradients instead
         op = hesd.HessianOperator(model, loss, data, hvp_method=method)
         with pytest.raises(hesd.UnsupportedModelError) as info:
             op @ torch.ones(op.shape[0], dtype=torch.float64)
         for o in named:
             assert o in str(info.value), (method, str(info.value))
         assert isinstance(info.value, hesd.HesdError) and isinstance(info.value, RuntimeError)
+        assert "hvp_method='finite_difference'" in str(info.value)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap of affine_grid, PyTorch's note

@@ -56,6 +56,7 @@ def loss_landscape(
     delta: float = 0.2,
     seed: int = 0,
     model_mode: str = "eval",
+    hvp_method: str = "auto",
 ) -> dict:
     r"""1-D and 2-D slices of the mean loss along the top-2 Hessian eigenvectors and 2 random directions.
 
@@ -70,13 +71,14 @@ def loss_landscape(
             (one filter norm).
         seed: seed of the eigen solver and the random directions.
         model_mode: ``"eval"`` or ``"train"``.
+        hvp_method: the product method of the eigen solver (see :class:`hesd.HessianOperator`).
 
     Returns:
         A JSON-ready dict with ``loss0``, ``eigenvalues``, and for ``"eigen"`` and ``"random"``:
         ``t`` (1-D coordinates), ``curves`` (two 1-D loss arrays), ``grid`` (2-D coordinates)
         and ``surface`` (2-D loss array).
     """
-    op = HessianOperator(model, loss_fn, data, model_mode=model_mode)
+    op = HessianOperator(model, loss_fn, data, model_mode=model_mode, hvp_method=hvp_method)
     top = eigenvalues(op, k=2, which="LA", tol=1e-4, seed=seed, return_eigenvectors=True, warn=False)
     lam = [float(v) for v in top.eigenvalues]
     layout = op.layout

@@ -112,7 +112,7 @@ def analyze_model(
         slq_kw["lockstep"] = 1  # the basis budget is for one probe at a time
         graph_budget = s.max_memory - plan["basis_bytes"]
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
-                         memory_budget=graph_budget)  # fmt: skip
+                         memory_budget=graph_budget, hvp_method=s.hvp_method)  # fmt: skip
     if s.stop_tol is not None:
         slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
     spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
@@ -142,7 +142,7 @@ def analyze_model(
         metrics = _heldout_eval(model, heldout, loss_fn, op.device, op.layout.dtype)
     row.update(metrics)
     if s.heldout_criteria and heldout is not None:
-        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode)  # held-out: local, see above
+        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode, hvp_method=s.hvp_method)  # local
         hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, reorth=s.reorth, window=s.window)
         hcrit = criteria(hspec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
         row.update({k: v for k, v in compare_criteria(crit, hcrit).items() if not k.startswith("train_")})

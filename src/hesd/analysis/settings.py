@@ -50,6 +50,10 @@ class AnalysisSettings:
         max_memory: bytes for the SLQ basis and the kept first-order graphs together; half
             goes to the basis (see :func:`hesd.algorithms.slq.plan_basis` for the modes and
             their accuracy cost), the rest to graphs. ``None``: full basis, default budget.
+        hvp_method: how products are taken (see :class:`hesd.HessianOperator`): ``"auto"``
+            (exact; finite differences only where no exact method runs), ``"graph"``,
+            ``"double_backward"``, ``"func"`` or ``"finite_difference"`` (gradients only: models
+            whose kernels have no second derivative, activation checkpointing).
         stop_tol: adaptive SLQ — stop each probe once λmin, λmax, re and Ct have settled to
             this tolerance (``num_steps`` becomes the cap); see :func:`hesd.slq`. KH05 then
             refers to a varying step count: leave ``None`` when KH05 matters.
@@ -75,6 +79,7 @@ class AnalysisSettings:
     params: list[str] | None = None
     max_memory: int | None = None
     stop_tol: float | None = None
+    hvp_method: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.qs, dict):
@@ -95,6 +100,9 @@ class AnalysisSettings:
             raise HesdValueError(
                 f"AnalysisSettings: max_memory must be a positive number of bytes, got {self.max_memory}"
             )
+        methods = ("auto", "graph", "double_backward", "func", "finite_difference")
+        if self.hvp_method not in methods:
+            raise HesdValueError(f"AnalysisSettings: hvp_method must be one of {methods}, got {self.hvp_method!r}")
         if not self.ct_threshold <= 0:
             raise HesdValueError(f"AnalysisSettings: ct_threshold must be ≤ 0, got {self.ct_threshold}")
 

@@ -131,6 +131,7 @@ def store_landscape(
     trust_pickle: bool = False,
     dtype: Any = None,
     seed: int = 0,
+    hvp_method: str = "auto",
 ) -> dict | None:
     """Compute the loss landscape of the paper's pick (else the λmax pick) and store ``landscape.json``."""
     for rule in ("highest_ct_mp", "smallest_lambda_max"):
@@ -150,7 +151,7 @@ def store_landscape(
         model = model.to(dtype)
     if kind is None:
         apply_state_dict(model, load_state_dict(ckpt, trust_pickle=trust_pickle), ckpt)
-    land = loss_landscape(model, loss_fn, data, seed=seed, model_mode=model_mode)
+    land = loss_landscape(model, loss_fn, data, seed=seed, model_mode=model_mode, hvp_method=hvp_method)
     land.update(checkpoint=str(ckpt), rule=rule)
     store = ResultStore.open_existing(out_dir)
     store.write_json("landscape.json", land)

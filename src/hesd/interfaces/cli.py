@@ -13,15 +13,15 @@ from typing import Annotated, Any
 import typer
 
 from .._version import __version__
-from ..analysis.checkpoints import apply_state_dict, discover_checkpoints, load_state_dict
-from ..analysis.model import analyze_model
-from ..analysis.rows import VIEWS
+from ..analysis.checkpoints import discover_checkpoints
 from ..analysis.series import analyze_checkpoints
 from ..analysis.settings import AnalysisSettings, default_of
 from ..errors import HesdError
+from .cli_spectrum import spectrum
 from .cli_support import (
     EXIT_OK,
     EXIT_PARTIAL,
+    HVP_HELP,
     emit_json,
     fail,
     init_distributed,
@@ -30,7 +30,6 @@ from .cli_support import (
     print_summary,
     read_config,
     tune_allocator,
-    write_density_plot,
 )
 from .hf_data import hf_folders, load_batches
 
@@ -57,6 +56,9 @@ def _root(
 ) -> None:
     """Hessian eigenvalue spectral density (HESD) tools."""
     tune_allocator()
+
+
+app.command()(spectrum)
 
 
 @app.command()
@@ -173,6 +175,7 @@ def analyze(
     max_memory: Annotated[
         str | None, typer.Option("--max-memory", help="Budget for SLQ basis + kept graphs, e.g. 2G, 500M.")
     ] = None,
+    hvp_method: Annotated[str | None, typer.Option("--hvp-method", help=HVP_HELP)] = None,
     distributed: Annotated[
         bool, typer.Option("--distributed", help="Run data/checkpoint-parallel under torchrun (gloo/NCCL).")
     ] = False,
@@ -245,6 +248,7 @@ def analyze(
             heldout_criteria=heldout_criteria or bool(cfg.get("heldout_criteria", False)),
             params=params or cfg.get("params"),
             max_memory=parse_bytes(pick(max_memory, cfg, "max_memory", None)),
+            hvp_method=pick(hvp_method, cfg, "hvp_method", default_of("hvp_method")),
         )
         model_factory = load_object(model, "--model") if model else None
         loss_fn: Any = load_object(loss, "--loss") if loss else (None if hf else torch.nn.functional.cross_entropy)
@@ -283,7 +287,7 @@ def analyze(
     if landscape and ok.any():
         store_landscape(out, factory, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
                         trust_pickle=trust_pickle, dtype=getattr(torch, settings.dtype) if settings.dtype else None,
-                        seed=settings.seed)  # fmt: skip
+                        seed=settings.seed, hvp_method=settings.hvp_method)  # fmt: skip
     report_path = None
     if report and ok.any():
         from .report import build_report
@@ -299,73 +303,6 @@ def analyze(
         for ckpt, err in res.failed:
             typer.echo(f"failed: {ckpt}: {err}", err=True)
         raise typer.Exit(EXIT_PARTIAL)
-
-
-@app.command()
-def spectrum(
-    checkpoint: Annotated[Path, typer.Argument(help="One checkpoint file.")],
-    model: Annotated[str, typer.Option("--model", help="MODULE:FACTORY returning the nn.Module.")],
-    data: Annotated[str, typer.Option("--data", help="MODULE:FACTORY returning training batches.")],
-    loss: Annotated[str | None, typer.Option("--loss", help="MODULE:FN; default cross-entropy.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Lanczos steps per probe.")] = default_of("num_steps"),
-    probes: Annotated[int, typer.Option("--probes", help="SLQ probe vectors.")] = default_of("num_probes"),
-    seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = default_of("seed"),
-    ct_threshold: Annotated[float, typer.Option("--ct-threshold", help="MP if Ct > this.")] = default_of(
-        "ct_threshold"
-    ),
-    device: Annotated[str | None, typer.Option("--device", help="Device to run on.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the density plot (PNG/SVG/PDF).")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (UNSAFE).")] = False,
-    distributed: Annotated[
-        bool, typer.Option("--distributed", help="Data parallel under torchrun: batches sharded round-robin.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the type.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
-    """One checkpoint: print its HESD summary (λmin, λmax, trace, re, KH05, Ct) and type."""
-    import torch
-
-    from ._common import call_factory, load_object
-    from .demo import text_histogram
-
-    if plot is not None and (plot.suffix.lower() not in (".png", ".svg", ".pdf") or not plot.parent.is_dir()):
-        fail(f"--plot {plot}: give a .png, .svg or .pdf path in an existing folder (checked before any work)")
-    try:
-        factory = load_object(model, "--model")
-        net = call_factory(factory, "--model", model)
-        if device:
-            net = net.to(device)
-        apply_state_dict(net, load_state_dict(checkpoint, trust_pickle=trust_pickle), checkpoint)
-        batches = call_factory(load_object(data, "--data"), "--data", data)
-        loss_fn = load_object(loss, "--loss") if loss else torch.nn.functional.cross_entropy
-        settings = AnalysisSettings(num_steps=steps, num_probes=probes, seed=seed, ct_threshold=ct_threshold)
-        group, rank = init_distributed(distributed, device)
-        if group is not None:
-            from ..distributed import shard
-
-            batches = shard(batches, group=group)
-        row, spec = analyze_model(net, batches, loss_fn=loss_fn, settings=settings, process_group=group)
-        if rank != 0:
-            raise typer.Exit(EXIT_OK)
-    except (HesdError, ValueError) as exc:
-        fail(str(exc))
-    if plot is not None:
-        write_density_plot(plot, spec, f"{checkpoint.name}: {row['hesd_type']}-HESD, Ct = {row['ct']:.3f}")
-    keys = VIEWS["spectrum"]
-    summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint)}
-    if as_json:
-        emit_json(summary | {"spectrum": spec.to_dict()})
-    elif quiet:
-        typer.echo(row["hesd_type"])
-    else:
-        for k in keys:
-            v = row[k]
-            typer.echo(f"{k:>12}: {v:.6g}" if isinstance(v, float) else f"{k:>12}: {v}")
-        verdict = "curvature analysis applies" if row["hesd_type"] == "MP" else "curvature analysis does NOT apply"
-        typer.echo(f"\n{row['hesd_type']}-HESD (Ct {row['ct']:.3f} vs threshold {ct_threshold}): {verdict}\n")
-        typer.echo(text_histogram(spec))
-        if plot is not None:
-            typer.echo(f"\nplot: {plot}")
 
 
 # ------------------------------------------------------------------------------------------------ report

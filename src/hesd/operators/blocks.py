@@ -33,7 +33,7 @@ import torch
 from ..errors import HesdError
 from .tuning import BlockMethodChoice, BlockWidthTrial
 
-__all__ = ["BlockScheduler", "wall_clock"]
+__all__ = ["BlockChoices", "BlockScheduler", "wall_clock"]
 
 logger = logging.getLogger("hesd")
 
@@ -194,3 +194,47 @@ class BlockScheduler:
     def _note(self, note: str) -> None:
         self.failure = note
         logger.warning(note)
+
+
+class BlockChoices:
+    """The scheduler's choices, as made, read from an operator's ``blocks`` (a :class:`BlockScheduler`).
+
+    A mixin of :class:`hesd.HessianOperator`, whose attributes these properties are.
+    """
+
+    blocks: BlockScheduler
+
+    @property
+    def batch_columns(self) -> int:
+        """Columns per batched pass now (the CPU trial changes it until it decides)."""
+        return self.blocks.width
+
+    @batch_columns.setter
+    def batch_columns(self, value: int) -> None:
+        self.blocks.width = value
+
+    @property
+    def column_timings(self) -> dict[str, float]:
+        """On the CPU with ``batch_columns=None``, the block-width trial's seconds per product.
+
+        ``"single"`` once 8 single columns are timed, ``"block"`` once blocks are; empty before.
+        """
+        return self.blocks.width_trial.timings if self.blocks.width_trial is not None else {}
+
+    @property
+    def block_method(self) -> str | None:
+        """How blocks of columns are multiplied: ``"graph"`` or ``"func"``.
+
+        With ``hvp_method="auto"``, ``None`` until the first block product times both and chooses.
+        """
+        return self.blocks.block_method
+
+    @property
+    def block_timings(self) -> dict[str, float]:
+        """Seconds of each block method tried by ``"auto"``."""
+        return self.blocks.method_choice.timings if self.blocks.method_choice is not None else {}
+
+    @property
+    def batched_failure(self) -> str | None:
+        """The note logged when batched products failed for this model, else ``None``."""
+        return self.blocks.failure

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..collectives import agree, all_reduce_sum
 from ..errors import HesdValueError, NonDeterministicError, NonFiniteLossError
+from .chunks import micro_batches
 from .data import ModelCall
 from .forward import ForwardContext
 from .layout import ParameterLayout
@@ -103,6 +104,12 @@ class Objective:
         data: a re-iterable of raw batches.
         layout: the selected parameters.
         forward: the forward context (autocast is applied here; the caller enters the state).
+
+    Attributes:
+        fd_step: the relative step of finite-difference products, or ``None`` for the default
+            (:mod:`hesd.operators.finite_difference`).
+        max_tokens: cut every batch into micro-batches of at most this many tokens
+            (:mod:`hesd.operators.chunks`), or ``None``.
     """
 
     def __init__(
@@ -111,13 +118,16 @@ class Objective:
     ) -> None:  # fmt: skip
         self.model, self.contract, self.data = model, contract, data
         self.layout, self.forward = layout, forward
+        self.fd_step: float | None = None
+        self.max_tokens: int | None = None
 
     def batches(self) -> Iterator[LossBatch]:
         """The non-empty batches, prepared (parsed, counted, on the parameters' device)."""
-        for raw in self.data:
-            batch = self.contract.prepare(raw, self.layout.device, self.layout.dtype)
-            if batch is not None:
-                yield batch
+        for whole in self.data:
+            for raw in micro_batches(whole, self.max_tokens):
+                batch = self.contract.prepare(raw, self.layout.device, self.layout.dtype)
+                if batch is not None:
+                    yield batch
 
     def loss(self, batch: LossBatch, index: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The batch's loss as a 0-d tensor (``params``: a functional call with these tensors).

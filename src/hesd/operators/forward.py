@@ -60,12 +60,13 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 
 
 @contextmanager
-def model_state(model: nn.Module, mode: str) -> Iterator[None]:
+def model_state(model: nn.Module, mode: str, math_attention: bool = True) -> Iterator[None]:
     """Put ``model`` in ``mode`` (``"eval"`` or ``"train"``) and restore it afterwards.
 
     In train mode every buffer (BatchNorm running statistics, ``num_batches_tracked``) is
     snapshotted and restored, so taking Hessians never changes the model. Inside,
-    ``scaled_dot_product_attention`` uses its math backend (module docs).
+    ``scaled_dot_product_attention`` uses its math backend (module docs) unless
+    ``math_attention=False`` (passes that need gradients only).
     """
     flags = [(m, m.training) for m in model.modules()]
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -75,7 +76,7 @@ def model_state(model: nn.Module, mode: str) -> Iterator[None]:
     else:
         model.eval()
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():
             yield
     finally:
         if saved:
@@ -176,15 +177,19 @@ class ForwardContext:
         self._said: set[str] = set()
 
     @contextmanager
-    def state(self) -> Iterator[None]:
-        """The model in ``model_mode`` (restored after), BatchNorm as its affine map if chosen, RNNs native."""
+    def state(self, second_order: bool = True) -> Iterator[None]:
+        """The model in ``model_mode`` (restored after), BatchNorm as its affine map if chosen, RNNs native.
+
+        ``second_order=False``: passes that take gradients only (finite differences) keep the
+        model's attention kernel and gradient checkpointing.
+        """
         on_gpu = self.recurrent and any(p.is_cuda for p in self.model.parameters())
         with (
-            model_state(self.model, self.model_mode),
+            model_state(self.model, self.model_mode, math_attention=second_order),
             affine_eval_batchnorm(self.affine_batchnorm),
             backend_enabled(torch.backends.cudnn, False) if on_gpu else nullcontext(),
             KeepFloat64() if self.float64 else nullcontext(),
-            transformer_state(self.model, self.hf_configs, self.model_mode, self._say)
+            transformer_state(self.model, self.hf_configs, self.model_mode, self._say, second_order)
             if self.hf_configs
             else nullcontext(),
         ):

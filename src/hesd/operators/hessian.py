@@ -35,8 +35,10 @@ from torch import nn
 from ..checks import check_choice, check_type
 from ..collectives import all_reduce_sum, resolve_group
 from ..errors import HesdError, HesdValueError
-from .blocks import BlockScheduler
+from .blocks import BlockChoices, BlockScheduler
+from .chunks import check_rows_independent
 from .data import as_reiterable
+from .finite_difference import check_model
 from .first_order import FirstOrderState, Objective, default_budget, first_order_pass
 from .forward import ForwardContext
 from .layout import ParameterLayout
@@ -44,17 +46,17 @@ from .linear import LinearOperator
 from .loss import LossContract
 from .model_loss import loss_contract
 from .products import PASSES
-from .support import batching_note, derivative_gap, unsupported
+from .support import batching_note, derivative_gap, fall_back, unsupported
 from .tuning import BlockMethodChoice, BlockWidthTrial
 
 __all__ = ["HessianOperator"]
 
 logger = logging.getLogger("hesd")
 
-_METHODS = ("auto", "graph", "double_backward", "func")
+_METHODS = ("auto", "graph", "double_backward", "func", "finite_difference")
 
 
-class HessianOperator(LinearOperator):
+class HessianOperator(BlockChoices, LinearOperator):
     r"""Hessian of the mean training loss of ``model`` over ``data``, as a symmetric linear operator.
 
     .. math::  H = \nabla^2_\theta\, \frac{1}{N}\sum_{(x, y)} \ell(f_\theta(x), y)
@@ -82,10 +84,18 @@ class HessianOperator(LinearOperator):
         hvp_method: ``"graph"`` (keep every batch's first-order graph; one backward pass per
             product), ``"double_backward"`` (recompute forward and first-order graph per batch
             and product), ``"func"`` (forward-over-reverse, :func:`torch.func.jvp` of
-            :func:`torch.func.grad`), or ``"auto"`` (default: keep graphs for as many batches
-            as fit ``memory_budget`` and recompute the rest; for blocks of several columns,
-            time the batched backward against ``vmap`` of forward-over-reverse once and keep
-            the faster, :class:`~hesd.operators.tuning.BlockMethodChoice`).
+            :func:`torch.func.grad`), ``"finite_difference"`` (central differences of the
+            gradient: no second derivative needed, about :math:`u^{2/3}` relative error,
+            :mod:`~hesd.operators.finite_difference`), or ``"auto"`` (default: keep graphs for
+            as many batches as fit ``memory_budget`` and recompute the rest; for blocks of several
+            columns, time the batched backward against ``vmap`` of forward-over-reverse once and
+            keep the faster, :class:`~hesd.operators.tuning.BlockMethodChoice`; finite differences
+            only when neither exact method can differentiate the model, with a warning).
+        fd_step: the relative step :math:`r` of finite-difference products (default
+            :math:`\tfrac34 u^{1/3}` of the parameters' dtype).
+        max_tokens: run every pass over a batch in micro-batches of at most this many tokens
+            (rows × sequence length), each weighted by its own count: the same Hessian with
+            activation and logits memory bounded (:mod:`~hesd.operators.chunks`).
         memory_budget: bytes of first-order graphs ``"auto"`` may keep; default half the free
             GPU memory or a quarter of free RAM.
         process_group: a ``torch.distributed`` process group (or ``True`` for the default
@@ -160,6 +170,8 @@ class HessianOperator(LinearOperator):
         batch_columns: int | None = None,
         allow_tf32: bool = False,
         eval_batchnorm: str = "affine",
+        fd_step: float | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         caller = "HessianOperator"
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -170,6 +182,8 @@ class HessianOperator(LinearOperator):
             isinstance(batch_columns, bool) or not isinstance(batch_columns, int) or batch_columns < 1
         ):
             raise HesdValueError(f"{caller}: batch_columns must be a positive integer or None, got {batch_columns!r}")
+        if fd_step is not None and not (isinstance(fd_step, (int, float)) and 0 < fd_step < 1):
+            raise HesdValueError(f"{caller}: fd_step must be a relative step between 0 and 1, got {fd_step!r}")
         if memory_budget is not None and memory_budget < 0:
             raise HesdValueError(f"{caller}: memory_budget must be a non-negative number of bytes")
         if model_mode == "train" and hvp_method == "func":
@@ -177,6 +191,7 @@ class HessianOperator(LinearOperator):
                 f"{caller}: hvp_method='func' cannot run in model_mode='train' (BatchNorm updates its buffers in "
                 "place, which torch.func cannot trace); use hvp_method='auto' or 'double_backward'"
             )
+        check_rows_independent(model, model_mode, max_tokens, caller)
         self.model = model
         self.contract = loss_contract(loss_fn, caller)
         self.contract.bind(model)
@@ -186,6 +201,9 @@ class HessianOperator(LinearOperator):
         self.process_group = resolve_group(True if distributed and process_group is None else process_group)
         shard = as_reiterable(data, caller, allow_empty=self.process_group is not None)
         self.objective = Objective(model, self.contract, shard, self.layout, self.forward)
+        self.objective.fd_step, self.objective.max_tokens = fd_step, max_tokens
+        if hvp_method == "finite_difference":
+            check_model(model, self.layout.dtype, caller)
         self.hvp_method = hvp_method
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
@@ -202,21 +220,22 @@ class HessianOperator(LinearOperator):
             )
         self.shape = (self.layout.dim, self.layout.dim)
         on_gpu = self.device.type == "cuda"
-        width = batch_columns if batch_columns is not None else (8 if on_gpu else 1)
+        fd = hvp_method == "finite_difference"  # columns are differenced one by one: nothing to batch or time
+        width = batch_columns if batch_columns is not None else (8 if on_gpu and not fd else 1)
         self.default_lockstep = width
         # Under torch.distributed each rank decides on its own timings; the width changes only
         # the layout of the local result, which the all-reduce makes contiguous.
         self.blocks = BlockScheduler(
-            single_method="func" if hvp_method == "func" else "graph",
+            single_method=hvp_method if hvp_method in ("func", "finite_difference") else "graph",
             block_method=None if hvp_method == "auto" else hvp_method,
             width=width,
-            width_trial=BlockWidthTrial() if batch_columns is None and not on_gpu else None,
+            width_trial=BlockWidthTrial() if batch_columns is None and not on_gpu and not fd else None,
             method_choice=BlockMethodChoice() if hvp_method == "auto" and model_mode == "eval" else None,
             describe=lambda exc, fallback: batching_note(model, exc, fallback),
         )
         self.num_matvecs = 0
         self.state: FirstOrderState | None = None
-        self._functional_only = False  # set when PyTorch cannot double-differentiate the model
+        self._fallback: str | None = None  # "func"/"finite_difference" once PyTorch cannot take a derivative
 
     # ------------------------------------------------------------------ settings, as given
     @property
@@ -249,42 +268,6 @@ class HessianOperator(LinearOperator):
         """The selected parameters' names, in flat-vector order."""
         return self.layout.names
 
-    # ------------------------------------------------------------------ choices, as made
-    @property
-    def batch_columns(self) -> int:
-        """Columns per batched pass now (the CPU trial changes it until it decides)."""
-        return self.blocks.width
-
-    @batch_columns.setter
-    def batch_columns(self, value: int) -> None:
-        self.blocks.width = value
-
-    @property
-    def column_timings(self) -> dict[str, float]:
-        """On the CPU with ``batch_columns=None``, the block-width trial's seconds per product.
-
-        ``"single"`` once 8 single columns are timed, ``"block"`` once blocks are; empty before.
-        """
-        return self.blocks.width_trial.timings if self.blocks.width_trial is not None else {}
-
-    @property
-    def block_method(self) -> str | None:
-        """How blocks of columns are multiplied: ``"graph"`` or ``"func"``.
-
-        With ``hvp_method="auto"``, ``None`` until the first block product times both and chooses.
-        """
-        return self.blocks.block_method
-
-    @property
-    def block_timings(self) -> dict[str, float]:
-        """Seconds of each block method tried by ``"auto"``."""
-        return self.blocks.method_choice.timings if self.blocks.method_choice is not None else {}
-
-    @property
-    def batched_failure(self) -> str | None:
-        """The note logged when batched products failed for this model, else ``None``."""
-        return self.blocks.failure
-
     @property
     def graph_bytes(self) -> int:
         """Bytes of first-order graphs kept on this rank."""
@@ -303,7 +286,8 @@ class HessianOperator(LinearOperator):
         """
         budget = self.memory_budget if self.memory_budget is not None else default_budget(self.device)
         self.state = None
-        with self.forward.state(), self.forward.precision(self.device):
+        gradients_only = self.hvp_method == "finite_difference"  # the model's kernels and checkpointing stay
+        with self.forward.state(second_order=not gradients_only), self.forward.precision(self.device):
             self.state = first_order_pass(
                 self.objective,
                 budget=budget,
@@ -352,30 +336,24 @@ class HessianOperator(LinearOperator):
         """One pass over the data by ``method``; a missing derivative becomes a clear error.
 
         With ``hvp_method="auto"``, a model that PyTorch cannot double-differentiate (``ctc_loss``)
-        moves to forward-over-reverse for good, where that works.
+        moves to forward-over-reverse for good (eval mode), and one that neither exact method
+        can differentiate to finite differences (:func:`~hesd.operators.support.fall_back`).
         """
-        assert self.state is not None
-        if self._functional_only:
-            method = "func"
+        state = self.state
+        assert state is not None
+        method = self._fallback or method
         try:
-            return PASSES[method](self.state, self.objective, V, width)
+            return PASSES[method](state, self.objective, V, width)
         except RuntimeError as exc:
             gap = None if isinstance(exc, HesdError) else derivative_gap(exc)
-            if gap is None or (self.hvp_method == "auto" and method == "func" and not self._functional_only):
+            if gap is None or (self.hvp_method == "auto" and method == "func" and self._fallback is None):
                 raise  # not a derivative gap, or auto's block-method choice timing vmap: it takes the graph
-            if not (gap.kind == "second" and self.hvp_method == "auto" and self.model_mode == "eval"):
+            if not (self.hvp_method == "auto" and method in ("graph", "func")):
                 raise unsupported([gap], self.hvp_method) from exc
-            try:
-                out = PASSES["func"](self.state, self.objective, V, width)
-            except RuntimeError as again:
-                other = None if isinstance(again, HesdError) else derivative_gap(again)
-                if other is None:
-                    raise
-                raise unsupported([gap, other], self.hvp_method) from again
-            self._functional_only = True
-            logger.warning(
-                "hesd: %s; this operator uses forward-over-reverse products (hvp_method='func') from now on.",
-                gap.describe(),
+            methods = ("func", "finite_difference") if gap.kind == "second" and self.model_mode == "eval" else (
+                "finite_difference",)  # fmt: skip
+            self._fallback, out = fall_back(
+                gap, methods, lambda m: PASSES[m](state, self.objective, V, width), self.layout.dtype
             )
             return out
 

@@ -82,7 +82,7 @@ def _switch_attention(model: nn.Module, say: Any) -> Iterator[None]:
         raise UnsupportedModelError(
             f"the model's attention ({current!r}) has no second derivative and it cannot be switched to 'sdpa' "
             f"({type(exc).__name__}: {exc}). Load the model with attn_implementation='sdpa' or 'eager' for the "
-            "analysis; a finite-difference product that needs only gradients is planned"
+            "analysis, or hvp_method='finite_difference', which needs gradients only"
         ) from exc
     say(f"attention {current!r} has no second derivative: products run with 'sdpa' (math kernel), switched back after")
     try:
@@ -92,14 +92,18 @@ def _switch_attention(model: nn.Module, say: Any) -> Iterator[None]:
 
 
 @contextmanager
-def transformer_state(model: nn.Module, configs: list[Any], model_mode: str, say: Any) -> Iterator[None]:
+def transformer_state(
+    model: nn.Module, configs: list[Any], model_mode: str, say: Any, second_order: bool = True
+) -> Iterator[None]:
     """The switches of the module docs, restored on exit; ``say(message)`` logs a switch.
 
     ``configs``: the model's configs (:func:`hf_configs`, found once per operator, not per pass).
+    ``second_order=False`` (finite-difference products, which need gradients only): the
+    attention kernel and gradient checkpointing stay as the model has them.
     """
     configs = [c for c in configs if getattr(c, "use_cache", None)]
     checkpointed = []
-    if model_mode == "train":
+    if model_mode == "train" and second_order:
         checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     if checkpointed:
         say("gradient checkpointing is off during products (double backward cannot recompute), restored after")
@@ -110,5 +114,6 @@ def transformer_state(model: nn.Module, configs: list[Any], model_mode: str, say
         for module in checkpointed:
             setattr(module, "gradient_checkpointing", False)  # noqa: B010 - an attribute of transformers layers
             stack.callback(setattr, module, "gradient_checkpointing", True)
-        stack.enter_context(_switch_attention(model, say))
+        if second_order:
+            stack.enter_context(_switch_attention(model, say))
         yield

@@ -8,7 +8,9 @@ For a block of columns :math:`V` (``(P, k)``) and a batch :math:`b` of weight :m
   \nabla (g_b^\top v)`;
 * :func:`double_backward_product` — the same after recomputing the forward pass and
   :math:`g_b` (no memory kept between products);
-* :func:`forward_over_reverse_product` — :func:`torch.func.jvp` of :func:`torch.func.grad`.
+* :func:`forward_over_reverse_product` — :func:`torch.func.jvp` of :func:`torch.func.grad`;
+* :func:`hesd.operators.finite_difference.finite_difference_product` — central differences
+  of the gradient (no second derivative; about :math:`u^{2/3}` relative error).
 
 Blocks of more than one column go through one batched pass (``is_grads_batched``, or
 ``vmap`` over the tangents), ``width`` columns at a time. :func:`graph_pass` and
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .finite_difference import finite_difference_pass
 from .first_order import FirstOrderState, Objective, flat_graph
 from .layout import ParameterLayout
 from .loss import LossBatch
@@ -151,4 +154,5 @@ PASSES: dict[str, Callable[[FirstOrderState, Objective, torch.Tensor, int], torc
     "graph": graph_pass,
     "double_backward": graph_pass,
     "func": func_pass,
+    "finite_difference": finite_difference_pass,
 }

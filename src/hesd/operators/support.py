@@ -11,20 +11,27 @@ and reported where they bite:
   ``multi_margin_loss``, ``embedding_bag`` with ``mode="max"``), others no forward-mode one
   (``grid_sample``; a float32 LSTM on oneDNN, which hesd avoids). :func:`derivative_gap` reads
   PyTorch's message; with ``hvp_method="auto"`` a model without a double backward moves to
-  forward-over-reverse, and when no method works :func:`unsupported` says which operation and
+  forward-over-reverse, one that neither exact method passes to finite differences
+  (:func:`fall_back`), and when no method works :func:`unsupported` says which operation and
   what to do, as an :class:`hesd.errors.UnsupportedModelError`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import HesdError, UnsupportedModelError
+from .finite_difference import expected_error
 
-__all__ = ["BATCHING_GAPS", "DerivativeGap", "batching_note", "derivative_gap", "unsupported"]
+__all__ = ["BATCHING_GAPS", "DerivativeGap", "batching_note", "derivative_gap", "fall_back", "unsupported"]
+
+logger = logging.getLogger("hesd")
 
 #: Layer types whose second derivative has no working batching rule in PyTorch 2.13, with the cause.
 BATCHING_GAPS: dict[type[nn.Module], str] = {
@@ -110,17 +117,53 @@ def unsupported(gaps: list[DerivativeGap], hvp_method: str) -> UnsupportedModelE
     tried = {g.kind for g in gaps}
     if tried == {"second", "forward"}:
         advice = (
-            "Neither product method can pass through it: restrict the Hessian to parameters that come after "
+            "Neither exact product method can pass through it: use hvp_method='finite_difference' (gradients "
+            "only, about 1e-4 relative error in float32), restrict the Hessian to parameters that come after "
             "that operation (params=[...]) or replace it by a twice-differentiable equivalent"
         )
     elif tried == {"second"}:
         advice = (
-            "Try hvp_method='func' (forward-over-reverse), or restrict the Hessian to parameters after that "
-            "operation (params=[...])"
+            "Try hvp_method='func' (forward-over-reverse) or hvp_method='finite_difference' (gradients only), or "
+            "restrict the Hessian to parameters after that operation (params=[...])"
         )
     else:
-        advice = "Use hvp_method='double_backward' (or 'auto'), or restrict the Hessian (params=[...])"
+        advice = (
+            "Use hvp_method='double_backward' (or 'auto'), hvp_method='finite_difference' (gradients only), or "
+            "restrict the Hessian (params=[...])"
+        )
     return UnsupportedModelError(
         f"HessianOperator(hvp_method={hvp_method!r}): Hessian-vector products cannot be taken for this model: "
         f"{detail}. {advice}"
     )
+
+
+def fall_back(
+    gap: DerivativeGap, methods: Sequence[str], run: Callable[[str], torch.Tensor], dtype: torch.dtype
+) -> tuple[str, torch.Tensor]:
+    """``hvp_method="auto"`` after ``gap``: the first of ``methods`` that runs, and its product.
+
+    ``run(method)`` is the pass by ``method``. The switch is logged once, with the expected
+    error of finite differences (:mod:`hesd.operators.finite_difference`).
+
+    Raises:
+        UnsupportedModelError: every method met a derivative gap.
+    """
+    gaps = [gap]
+    for method in methods:
+        try:
+            out = run(method)
+        except RuntimeError as again:
+            other = None if isinstance(again, HesdError) else derivative_gap(again)
+            if other is None:
+                raise
+            gaps.append(other)
+            continue
+        what = (
+            "forward-over-reverse products (hvp_method='func')"
+            if method == "func"
+            else "finite-difference products (hvp_method='finite_difference', relative error about "
+            f"{expected_error(dtype):.0e})"
+        )
+        logger.warning("hesd: %s; this operator uses %s from now on.", "; ".join(g.describe() for g in gaps), what)
+        return method, out
+    raise unsupported(gaps, "auto")
