@@ -87,3 +87,8 @@ def test_finite_difference_benchmark_quick():
     for model in ("MLP tanh", "CNN GELU", "CNN ReLU"):
         assert f"\n{model} " in out
     assert "fd/exact" in out
+
+
+def test_scale_benchmark_quick():
+    out = _run(str(BENCH / "scale.py"), "--quick")
+    assert "\n1M    hesd" in out and "memory plan:" in out and "resident growth" in out

@@ -25,6 +25,7 @@ __all__ = [
     "HesdTypeError",
     "HesdValueError",
     "InsecureCheckpointError",
+    "MemoryBudgetError",
     "NonDeterministicError",
     "NonFiniteError",
     "NonFiniteLossError",
@@ -50,6 +51,10 @@ class HesdFileNotFoundError(HesdError, FileNotFoundError):
 
 class HesdPermissionError(HesdError, PermissionError):
     """A folder hesd must write to cannot be created or written."""
+
+
+class MemoryBudgetError(HesdValueError):
+    """No plan for the analysis fits the memory budget (the message lists each part and the options)."""
 
 
 class NonFiniteError(HesdError, FloatingPointError):

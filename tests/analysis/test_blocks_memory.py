@@ -8,6 +8,7 @@ import torch
 import hesd
 from helpers import make_case
 from hesd.analysis import analyze_blocks
+from hesd.analysis.memory_plan import MARGIN, plan_memory
 
 CE = torch.nn.functional.cross_entropy
 
@@ -33,8 +34,13 @@ def test_max_memory_uses_a_bounded_basis_and_keeps_the_extremes():
     model, batches, _ = make_case("cnn", seed=42)
     full, _ = hesd.analyze_model(model, batches, settings=hesd.AnalysisSettings(num_steps=60, num_probes=2))
     P = full["num_params"]
-    tight = hesd.AnalysisSettings(num_steps=60, num_probes=2, max_memory=2 * 8 * P * 6)  # window of 6 vectors
+    roomy = plan_memory(model, CE, batches, num_steps=60, max_memory=2**30)
+    assert roomy.footprint is not None and roomy.footprint.recompute_product is not None
+    lean = roomy.parts["gradient"] + roomy.parts["Lanczos vectors"] + roomy.footprint.recompute_product
+    tight = hesd.AnalysisSettings(num_steps=60, num_probes=2, max_memory=int((lean + 8 * P * 6) / (1 - MARGIN)))
     row, _ = hesd.analyze_model(model, batches, settings=tight)
+    plan = plan_memory(model, CE, batches, num_steps=60, max_memory=tight.max_memory)
+    assert plan.basis["basis_bytes"] < 60 * 8 * P  # a reduced basis (bfloat16 here; batches cut to make room)
     assert row["lambda_max"] == pytest.approx(full["lambda_max"], rel=1e-6)  # certified extremes unaffected
     assert row["lambda_min"] == pytest.approx(full["lambda_min"], rel=1e-6)
     assert row["slq_lambda_max"] == pytest.approx(full["slq_lambda_max"], rel=1e-3)

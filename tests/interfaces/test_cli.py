@@ -259,3 +259,11 @@ def test_finite_difference_products_from_the_command_line(project, tmp_path):
     args = ["spectrum", str(project / "ckpts" / "epoch_003.pt"), "--model", f"{p}:make_model", "--data"]
     res = runner.invoke(app, [*args, f"{p}:train_data", *FAST, "--hvp-method", "finite_difference", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["hesd_type"] in ("MP", "MN")
+
+
+def test_a_memory_budget_no_plan_fits_stops_before_any_checkpoint(project, tmp_path):
+    out = tmp_path / "mem"
+    res = _analyze(project, out, "--max-memory", "20K", "--no-landscape")
+    assert res.exit_code == 2, res.output
+    assert "no plan fits" in res.output and "analysed parameters" in res.output and "--max-memory" in res.output
+    assert not (out / "rows").exists() or not any((out / "rows").iterdir())

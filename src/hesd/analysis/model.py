@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..algorithms.eigen import eigenvalues
-from ..algorithms.slq import plan_basis, slq
+from ..algorithms.slq import slq
 from ..algorithms.spectrum import Spectrum
 from ..errors import HesdValueError
 from ..operators import HessianOperator, ParameterLayout
@@ -22,11 +22,29 @@ from ..operators.forward import model_state
 from ..operators.loss import PairLoss
 from ..operators.model_loss import loss_contract, mean_loss
 from .criteria import compare_criteria, criteria, probe_summary
+from .memory_plan import LANCZOS_VECTORS, available_memory, plan_memory
 from .settings import AnalysisSettings
 
 __all__ = ["analyze_model", "check_inputs", "select_params"]
 
 logger = logging.getLogger("hesd")
+
+
+def _tight(s: AnalysisSettings, layout: ParameterLayout) -> bool:
+    """Whether the full Lanczos basis alone would take most of the free memory (then a plan is made)."""
+    lockstep = min(s.num_probes, 8 if layout.device.type == "cuda" else 1)  # HessianOperator.default_lockstep
+    basis = s.num_steps * layout.dim * max(layout.dtype.itemsize, 4) * lockstep
+    return basis + LANCZOS_VECTORS * layout.dim * 8 > 0.8 * available_memory(layout.device)
+
+
+def _memory_plan(model: nn.Module, loss_fn: Any, data: Any, s: AnalysisSettings, names: list[str] | None) -> Any:
+    """:func:`~hesd.analysis.memory_plan.plan_memory` for these settings, logged (a warning when it costs accuracy)."""
+    plan = plan_memory(model, loss_fn, data, num_steps=s.num_steps, max_memory=s.max_memory, hvp_method=s.hvp_method,
+                       params=names, model_mode=s.model_mode)  # fmt: skip
+    deviates = plan.hvp_method == "finite_difference" or plan.basis["reorth"] != "full" or (
+        plan.basis["basis_dtype"] is not None)  # fmt: skip
+    (logger.warning if deviates else logger.info)("hesd: %s", plan.describe())
+    return plan
 
 
 def _heldout_eval(model: nn.Module, data: Iterable, loss_fn: Any, device, dtype) -> dict[str, float]:
@@ -105,14 +123,14 @@ def analyze_model(
     layout = ParameterLayout.select(model, list(s.params) if s.params else None, "analyze_model")
     names = layout.names if s.params else None
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
-    graph_budget = None
-    if s.max_memory is not None:
-        plan = plan_basis(layout.dim, s.num_steps, layout.dtype, s.max_memory // 2)
-        slq_kw = {k: plan[k] for k in ("reorth", "window", "basis_dtype")}
-        slq_kw["lockstep"] = 1  # the basis budget is for one probe at a time
-        graph_budget = s.max_memory - plan["basis_bytes"]
+    op_kw: dict[str, Any] = {"hvp_method": s.hvp_method}
+    if s.max_memory is not None or _tight(s, layout):
+        data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read twice
+        plan = _memory_plan(model, loss_fn, data, s, names)
+        slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
+    basis_kw = dict(slq_kw)
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
-                         memory_budget=graph_budget, hvp_method=s.hvp_method)  # fmt: skip
+                         **op_kw)  # fmt: skip
     if s.stop_tol is not None:
         slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
     spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
@@ -142,8 +160,8 @@ def analyze_model(
         metrics = _heldout_eval(model, heldout, loss_fn, op.device, op.layout.dtype)
     row.update(metrics)
     if s.heldout_criteria and heldout is not None:
-        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode, hvp_method=s.hvp_method)  # local
-        hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, reorth=s.reorth, window=s.window)
+        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode, **op_kw)  # held-out: local
+        hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, **basis_kw)
         hcrit = criteria(hspec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
         row.update({k: v for k, v in compare_criteria(crit, hcrit).items() if not k.startswith("train_")})
         row["heldout_spectrum"] = hspec.to_dict()

@@ -47,9 +47,13 @@ class AnalysisSettings:
         qs: the quasi-singular rule.
         params: ``fnmatch`` patterns of parameter names to restrict the Hessian to (block
             analysis, e.g. ``["layers.3.*"]``); ``None``: all trainable parameters.
-        max_memory: bytes for the SLQ basis and the kept first-order graphs together; half
-            goes to the basis (see :func:`hesd.algorithms.slq.plan_basis` for the modes and
-            their accuracy cost), the rest to graphs. ``None``: full basis, default budget.
+        max_memory: bytes the analysis may allocate beyond the model and the data: gradient,
+            Lanczos vectors and basis, kept first-order graphs, each product's transient
+            buffers. :func:`hesd.analysis.memory_plan.plan_memory` measures the first batch and
+            chooses a plan that fits (micro-batches, finite differences, a reduced basis, in
+            that order of accuracy cost) or stops before any product with the parts and the
+            options. ``None``: the defaults, planned against free memory only when the full
+            basis would not fit in it.
         hvp_method: how products are taken (see :class:`hesd.HessianOperator`): ``"auto"``
             (exact; finite differences only where no exact method runs), ``"graph"``,
             ``"double_backward"``, ``"func"`` or ``"finite_difference"`` (gradients only: models

@@ -173,7 +173,12 @@ def analyze(
         list[str] | None, typer.Option("--params", help="Restrict to parameters matching this glob (repeatable).")
     ] = None,
     max_memory: Annotated[
-        str | None, typer.Option("--max-memory", help="Budget for SLQ basis + kept graphs, e.g. 2G, 500M.")
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory the analysis may use beyond model and data, e.g. 2G; planned "
+            "up front (micro-batches, finite differences, smaller basis) or refused.",
+        ),
     ] = None,
     hvp_method: Annotated[str | None, typer.Option("--hvp-method", help=HVP_HELP)] = None,
     distributed: Annotated[

@@ -34,7 +34,15 @@ from .forward import ForwardContext
 from .layout import ParameterLayout
 from .loss import LossBatch, LossContract
 
-__all__ = ["FirstOrderState", "KeptGraph", "Objective", "default_budget", "first_order_pass", "flat_graph"]
+__all__ = [
+    "FirstOrderState",
+    "GradientSum",
+    "KeptGraph",
+    "Objective",
+    "default_budget",
+    "first_order_pass",
+    "flat_graph",
+]
 
 
 def default_budget(device: torch.device) -> int:
@@ -205,7 +213,7 @@ def _local_pass(objective: Objective, budget: int, keep_graphs: bool, unlimited:
     stored_bytes = 0
     stream = False
     losses: list[tuple[int, torch.Tensor]] = []
-    grads: list[tuple[int, torch.Tensor]] = []
+    grad = GradientSum(objective)
     for index, batch in enumerate(objective.batches()):
         counter = [0]
         want_graph = keep_graphs and not stream and (unlimited or used < budget)
@@ -225,22 +233,37 @@ def _local_pass(objective: Objective, budget: int, keep_graphs: bool, unlimited:
             if stored_bytes > budget:
                 stream, stored = True, []
         losses.append((batch.count, loss.detach()))
-        grads.append((batch.count, flat.detach() if flat is not None else objective.layout.flatten(
-            [t.detach() for t in g])))  # fmt: skip
+        grad.add(batch.count, flat.detach() if flat is not None else objective.layout.flatten([t.detach() for t in g]))
     if stream:  # batches do not fit: keep no partial cache (a reshuffling loader would mix samples)
         kept, used = [], 0
-    return losses, grads, kept, stored, stream, used
+    return losses, grad, kept, stored, stream, used
 
 
-def _reduce(objective: Objective, losses, grads, total: float, group: Any) -> tuple[float, torch.Tensor]:
+class GradientSum:
+    r"""The running sum :math:`\sum_b c(n_b)\, g_b` of the batches' gradients, one ``(P,)`` buffer.
+
+    Every loss contract weighs a batch by :math:`w_b = c(n_b) / N`
+    (:meth:`hesd.operators.LossContract.weight`), so the gradient of the loss over all the data
+    is this sum divided by :math:`N` once the pass has counted it: one gradient's memory
+    however many batches there are (not one per batch).
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.weight = objective.contract.weight
+        layout = objective.layout
+        self.sum = torch.zeros(layout.dim, dtype=torch.promote_types(layout.dtype, torch.float32), device=layout.device)
+
+    def add(self, count: int, g: torch.Tensor) -> None:
+        """Add one batch's flat gradient ``g`` of ``count`` items."""
+        self.sum.add_(g, alpha=self.weight(count, 1.0))
+
+
+def _reduce(objective: Objective, losses, grad: GradientSum, total: float, group: Any) -> tuple[float, torch.Tensor]:
     weight = objective.contract.weight
     layout = objective.layout
     loss = sum(weight(n, total) * float(v) for n, v in losses)
-    grad = torch.zeros(layout.dim, dtype=torch.promote_types(layout.dtype, torch.float32), device=layout.device)
-    for n, g in grads:
-        grad += weight(n, total) * g
     loss_t = all_reduce_sum(torch.as_tensor(loss, dtype=torch.float64, device=layout.device).reshape(1), group)
-    return float(loss_t.item()), all_reduce_sum(grad, group)
+    return float(loss_t.item()), all_reduce_sum(grad.sum.div_(total), group)
 
 
 def first_order_pass(
@@ -276,7 +299,7 @@ def first_order_pass(
         if not losses and group is None:
             raise HesdValueError("HessianOperator: data yielded no samples; pass a non-empty DataLoader or batch")
     except Exception as exc:
-        error, losses, grads, kept, stored, stream, used = exc, [], [], [], [], False, 0
+        error, losses, grads, kept, stored, stream, used = exc, [], GradientSum(objective), [], [], False, 0
     if group is not None:
         agree(group, error, "HessianOperator.prepare")
     elif error is not None:
@@ -294,13 +317,13 @@ def first_order_pass(
 
 
 def _check_determinism(objective: Objective, state: FirstOrderState, group: Any) -> None:
-    losses, grads = [], []
+    losses, grads = [], GradientSum(objective)
     for index, batch in enumerate(objective.batches()):
         with torch.enable_grad():
             loss = objective.loss(batch, index)
             g = objective.gradient(loss, create_graph=False)
         losses.append((batch.count, loss.detach()))
-        grads.append((batch.count, objective.layout.flatten(g)))
+        grads.add(batch.count, objective.layout.flatten(g))
     loss2, grad2 = _reduce(objective, losses, grads, state.total, group)
     tol = 1e-9 if objective.layout.dtype == torch.float64 else 1e-4
     scale = float(state.gradient.abs().max()) + 1e-30

@@ -83,7 +83,12 @@ class LossContract:
         raise NotImplementedError
 
     def weight(self, count: int, total: float) -> float:  # pragma: no cover
-        """The batch's weight :math:`w_b` in the loss over all ``total`` items."""
+        r"""The batch's weight :math:`w_b` in the loss over all ``total`` items.
+
+        Must have the form :math:`c(\text{count}) / \text{total}` (``count / total`` for a mean
+        loss, ``1 / total`` for a summed one): the first-order pass sums :math:`c(n_b)\, g_b`
+        as it goes and divides by the total once it is known.
+        """
         raise NotImplementedError
 
 
