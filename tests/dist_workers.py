@@ -105,3 +105,23 @@ def token_worker(rank: int, world: int, init_file: str, out: str) -> None:
         torch.save({"hv": op @ v, "loss": op.loss(), "tokens": op.num_samples}, f"{out}/token_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def sharded_basis_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """SLQ on vectors split across the ranks (ShardedOperator), full and windowed re-orthogonalisation."""
+    from hesd.operators.sharded import ShardedOperator
+
+    _init(rank, world, init_file)
+    try:
+        model, batches, _ = make_case("cnn", seed=31)
+        op = hesd.HessianOperator(model, CE, shard(batches), process_group=True)
+        sharded = ShardedOperator(op)
+        res = {
+            "rows": (sharded.rows.start, sharded.rows.stop),
+            "block": sharded.shape[0],
+            "full": hesd.slq(sharded, num_steps=15, num_probes=2, seed=4).to_dict(),
+            "window": hesd.slq(sharded, num_steps=15, num_probes=1, seed=4, reorth="window", window=4).to_dict(),
+        }
+        torch.save(res, f"{out}/sharded_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -10,7 +11,15 @@ import torch
 import torch.multiprocessing as mp
 
 import hesd
-from dist_workers import CE, algorithms_worker, failing_worker, mixed_columns_worker, series_worker, token_worker
+from dist_workers import (
+    CE,
+    algorithms_worker,
+    failing_worker,
+    mixed_columns_worker,
+    series_worker,
+    sharded_basis_worker,
+    token_worker,
+)
 from helpers import make_case
 from hesd.models import DigitsMLP, load_digits_tensors
 
@@ -50,6 +59,30 @@ def test_data_parallel_matches_single_process(world, tmp_path):
     # Every rank computed bit-identical Lanczos results (same decisions everywhere).
     for r in results[1:]:
         assert r["slq"]["values"] == results[0]["slq"]["values"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_basis_equals_one_process_and_divides_the_basis(world, tmp_path):
+    """Each rank keeps 1/world of every Lanczos vector; Ritz values and weights are one process's to 1e-8."""
+    _spawn(sharded_basis_worker, world, tmp_path)
+    model, batches, _ = make_case("cnn", seed=31)
+    op = hesd.HessianOperator(model, CE, batches)
+    P = op.shape[0]
+    ref = hesd.slq(op, num_steps=15, num_probes=2, seed=4)
+    ref_window = hesd.slq(op, num_steps=15, num_probes=1, seed=4, reorth="window", window=4)
+    results = [torch.load(tmp_path / f"sharded_rank{r}.pt", weights_only=False) for r in range(world)]
+    covered = sorted(r["rows"] for r in results)
+    assert covered[0][0] == 0 and covered[-1][1] == P and all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    assert P % 2 != 0  # with 2 ranks the last block is padded: the case exercises it
+    for r in results:
+        assert r["block"] == -(-P // world)
+        assert r["full"]["dim"] == P
+        for key, want in (("full", ref), ("window", ref_window)):
+            for got_v, got_w, v, w in zip(r[key]["values"], r[key]["weights"], want.values, want.weights, strict=True):
+                assert np.allclose(got_v, v, atol=1e-8) and np.allclose(got_w, w, atol=1e-8), key
+        assert r["full"]["info"]["vector_rows"] == -(-P // world)  # each stored Lanczos vector: 1/world of P
+    for r in results[1:]:
+        assert r["full"]["values"] == results[0]["full"]["values"]  # identical decisions on every rank
 
 
 def test_token_level_loss_ranks_weighted_by_their_tokens(tmp_path):

@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["release_free_memory", "tune_cpu_allocator"]
 
 # mallopt parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -64,3 +64,22 @@ def tune_cpu_allocator() -> bool:
     for param, value in settings:
         ok = bool(mallopt(param, value)) and ok
     return ok
+
+
+def release_free_memory() -> bool:
+    """Hand memory that ``malloc`` holds but no tensor uses back to the OS (glibc ``malloc_trim(0)``).
+
+    The memory planner calls it after its one-batch probe (:mod:`hesd.operators.footprint`), so
+    that the probe's freed buffers do not stay resident beside the analysis that follows.
+
+    Returns:
+        ``True`` if memory was released; ``False`` where there is no glibc or nothing to release.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

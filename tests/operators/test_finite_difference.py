@@ -105,18 +105,18 @@ def test_float32_products_and_the_top_eigenvalue_match_float64_exact_ones():
     assert abs(float(top.eigenvalues[0]) - exact_top) / abs(exact_top) < 1e-3
 
 
-def test_piecewise_linear_layers_get_a_warning_in_float32(caplog):
-    model, batches = _mlp(0, act=nn.ReLU, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_piecewise_linear_layers_get_a_warning(dtype, caplog):
+    model, batches = _mlp(0, act=nn.ReLU, dtype=dtype)
     with caplog.at_level(logging.WARNING, logger="hesd"):
         op = hesd.HessianOperator(model, F.cross_entropy, batches, hvp_method="finite_difference")
-        op @ torch.randn(op.shape[0])
-        op @ torch.randn(op.shape[0])
+        op @ torch.randn(op.shape[0], dtype=dtype)
+        op @ torch.randn(op.shape[0], dtype=dtype)
     notes = [r.getMessage() for r in caplog.records if "kink" in r.getMessage()]
-    assert len(notes) == 1 and "ReLU" in notes[0]
+    assert len(notes) == 1 and "ReLU" in notes[0] and "hvp_method='auto'" in notes[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hesd"):  # float64 steps rarely cross a kink: no warning
-        hesd.HessianOperator(model.double(), F.cross_entropy, [(X.double(), y) for X, y in batches],
-                             hvp_method="finite_difference")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hesd"):  # smooth layers: no warning
+        hesd.HessianOperator(_mlp(0)[0], F.cross_entropy, batches, hvp_method="finite_difference")
     assert not [r for r in caplog.records if "kink" in r.getMessage()]
 
 

@@ -55,6 +55,7 @@ class _Basis:
         self.dtype = dtype or op.dtype
         self.device = torch.device(device) if device is not None else op.device
         self.op_dtype, self.op_device = op.dtype, op.device
+        self.reduce = op.reduce_inner  # sums partial inner products over ranks when vectors are sharded
         self.store = torch.empty(b, self.size, n, dtype=self.dtype, device=self.device) if self.size else None
         self.count = 0
 
@@ -79,7 +80,7 @@ class _Basis:
             return W
         Q = self.store[:, : min(self.count, self.size)].to(device=self.op_device, dtype=self.op_dtype)
         for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
-            W = W - torch.bmm(Q.transpose(1, 2), torch.bmm(Q, W.unsqueeze(2))).squeeze(2)
+            W = W - torch.bmm(Q.transpose(1, 2), self.reduce(torch.bmm(Q, W.unsqueeze(2)))).squeeze(2)
         return W
 
     def project(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +114,22 @@ class _Basis:
         Q = self.store[:, : self.count]
         local = Q[:, -2:]  # q_{j-1}, q_j: the only directions with O(1) components in A q_j
         W3 = W.unsqueeze(2)
-        h = torch.bmm(local, W3)
+        h = self.reduce(torch.bmm(local, W3))
         W3 = torch.baddbmm(W3, local.transpose(1, 2), h, alpha=-1)
-        h2 = torch.bmm(Q, W3)
+        h2 = self.reduce(torch.bmm(Q, W3))
         W3 = torch.baddbmm(W3, Q.transpose(1, 2), h2, alpha=-1)
         return W3.squeeze(2), (h[:, -1, 0] + h2[:, -1, 0])
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.store is not None:
             self.store = self.store[rows.to(self.device)]
+
+
+def _norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    """Row norms of ``X``; for sharded vectors the square root of the summed partial squares."""
+    if not op.sharded:
+        return torch.linalg.vector_norm(X, dim=1)
+    return torch.sqrt(op.reduce_inner((X * X).sum(dim=1)))
 
 
 def lanczos(
@@ -240,12 +248,12 @@ def lanczos_lockstep(
     stops = list(should_stop) if should_stop is not None else [None] * b
     if len(stops) != b:
         raise HesdValueError(f"{caller}: should_stop has {len(stops)} entries for {b} start vectors")
-    num_steps = min(num_steps, n)
+    num_steps = min(num_steps, op.full_dim)
     eps = torch.finfo(op.dtype).eps
     basis = _Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
     exact = basis.exact
     Q = V0.to(device=op.device, dtype=op.dtype).T.contiguous()
-    norms = torch.linalg.vector_norm(Q, dim=1)
+    norms = _norms(Q, op)
     if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
         raise HesdValueError(f"{caller}: start vectors must be finite and non-zero")
     Q = Q / norms[:, None]
@@ -263,10 +271,10 @@ def lanczos_lockstep(
         if exact:
             W, alpha = basis.project(W)
         else:
-            alpha = (Q * W).sum(dim=1)
+            alpha = op.reduce_inner((Q * W).sum(dim=1))
             W = W - alpha[:, None] * Q - beta_prev[:, None] * Q_prev
             W = basis.orthogonalise(W)
-        beta = torch.linalg.vector_norm(W, dim=1)
+        beta = _norms(W, op)
         keep: list[int] = []
         for row, (p, a, bt) in enumerate(zip(active, alpha.tolist(), beta.tolist(), strict=True)):
             if not math.isfinite(bt) or not math.isfinite(a):

@@ -174,12 +174,12 @@ def slq(
     if lockstep is None:
         lockstep = getattr(op, "default_lockstep", 1)
     check_positive_int(lockstep, "lockstep", caller)
-    n = op.shape[0]
+    n = op.full_dim  # probes are drawn whole; an operator on sharded vectors takes its rows
     values, weights, broke = [], [], []
     total = 0
     for first in range(0, num_probes, lockstep):
         b = min(lockstep, num_probes - first)
-        V0 = rademacher(n, b, seed, op.dtype, op.device, offset=first)
+        V0 = op.local_rows(rademacher(n, b, seed, op.dtype, op.device, offset=first))
         step_cb = (lambda c, j, first=first: callback(first + c, j)) if callback is not None else None
         stops = [_ConvergenceStop(stop_tol, check_every, min_steps, stop_on) if stop_tol is not None else None
                  for _ in range(b)]  # fmt: skip
@@ -210,6 +210,7 @@ def slq(
         "basis_dtype": str(basis_dtype) if basis_dtype else None,
         "stop_tol": stop_tol,
         "lockstep": lockstep,
+        "vector_rows": op.shape[0],  # rows of each stored Lanczos vector on this rank (< dim when sharded)
         "steps_used": [len(v) for v in values],
     }
     return spec

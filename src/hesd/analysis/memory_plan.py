@@ -9,7 +9,8 @@ already in memory:
   first pass;
 * **Lanczos vectors** — the recurrence's working vectors (six of :math:`P` entries);
 * **basis** — the stored Lanczos vectors: ``num_steps`` × :math:`P` in the operator's dtype
-  (full re-orthogonalisation), or less (:func:`hesd.algorithms.slq.plan_basis`);
+  (full re-orthogonalisation), or less (:func:`hesd.algorithms.slq.plan_basis`); divided by
+  the world size when data-parallel ranks split the vectors (``shards``);
 * **kept graphs** — first-order graphs kept across products (each batch's scaled from the
   first by its tokens);
 * **product** — the transient peak of one product on the largest (micro-)batch: through a kept
@@ -123,6 +124,18 @@ class MemoryPlan:
         """Keyword arguments for :class:`hesd.HessianOperator`."""
         return {"hvp_method": self.hvp_method, "memory_budget": self.graph_budget, "max_tokens": self.max_tokens}
 
+    @property
+    def eigen_basis(self) -> int:
+        """``max_basis`` for :func:`hesd.eigenvalues` after the SLQ, 6 to 40 vectors.
+
+        As many vectors as the SLQ basis's bytes hold in the operator's dtype: the two bases are
+        never alive together.
+        """
+        fp = self.footprint
+        if fp is None:
+            return 40
+        return int(max(6, min(40, self.basis["basis_bytes"] // max(fp.dim * fp.vector_item, 1))))
+
     def slq_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesd.slq` (one probe at a time: the basis is for one)."""
         return {k: self.basis[k] for k in ("reorth", "window", "basis_dtype")} | {"lockstep": 1}
@@ -137,7 +150,12 @@ class MemoryPlan:
 def _parts(fp: Footprint, basis_bytes: float, kept: float, product: float, fd: bool) -> dict[str, float]:
     vec = fp.dim * fp.vector_item
     grad = fp.dim * max(fp.item, 4)
-    parts = {"gradient": 2.0 * grad, "Lanczos vectors": LANCZOS_VECTORS * vec, "basis": basis_bytes,
+    vectors = (
+        LANCZOS_VECTORS * vec
+        if fp.shards == 1
+        else (LANCZOS_VECTORS * -(-fp.dim // fp.shards) * fp.vector_item + 2 * vec)
+    )  # blocks, and v, Hv whole in a product
+    parts = {"gradient": 2.0 * grad, "Lanczos vectors": vectors, "basis": basis_bytes,
              "kept graphs": kept, "product": product}  # fmt: skip
     if fd:
         parts["product"] = product + fp.dim * fp.item + 2 * grad  # θ0 and the two gradients
@@ -207,6 +225,7 @@ def plan_memory(
     params: Any = None,
     model_mode: str = "eval",
     max_tokens: int | None = None,
+    shards: int = 1,
 ) -> MemoryPlan:
     """A plan for ``num_steps``-step SLQ of ``model`` that fits ``max_memory`` bytes (module docs).
 
@@ -222,6 +241,8 @@ def plan_memory(
         params: as for :class:`hesd.HessianOperator`.
         model_mode: as for :class:`hesd.HessianOperator`.
         max_tokens: a micro-batch size the user already chose (the planner may cut finer).
+        shards: ranks the Lanczos vectors are split across (data parallel:
+            :class:`hesd.operators.sharded.ShardedOperator`); the basis per rank divides by it.
 
     Raises:
         MemoryBudgetError: no plan fits; the message lists each part and the options.
@@ -232,7 +253,9 @@ def plan_memory(
     fp = measure_footprint(op)
     room = int(budget * (1 - MARGIN))
     dtype = op.layout.dtype if op.dtype == op.layout.dtype else op.dtype
-    full = plan_basis(fp.dim, num_steps, dtype, 2**62)
+    fp.shards = shards
+    rows = -(-fp.dim // shards)  # rows of each stored Lanczos vector on this rank
+    full = plan_basis(rows, num_steps, dtype, 2**62)
     exact_ok = hvp_method != "finite_difference" and fp.recompute_product is not None
     fd_ok = hvp_method in ("auto", "finite_difference") and fp.fd_product is not None
     tries: list[tuple[str, Any, dict]] = []
@@ -246,7 +269,7 @@ def plan_memory(
         minimal = sum(_parts(fp, 0, 0, 0, method is _fd).values()) + fp.scaled(
             "recompute_product" if exact_ok else "fd_product", fp.length
         )
-        reduced = plan_basis(fp.dim, num_steps, dtype, max(0, int(room - minimal)))
+        reduced = plan_basis(rows, num_steps, dtype, max(0, int(room - minimal)))
         leanest_basis = reduced
         if reduced["reorth"] != "full" or reduced["basis_dtype"] is not None:
             tries.append(("reduced", method, reduced))

@@ -15,12 +15,14 @@ from torch import nn
 from ..algorithms.eigen import eigenvalues
 from ..algorithms.slq import slq
 from ..algorithms.spectrum import Spectrum
+from ..collectives import rank_and_world
 from ..errors import HesdValueError
 from ..operators import HessianOperator, ParameterLayout
 from ..operators.data import ModelCall, as_reiterable
 from ..operators.forward import model_state
 from ..operators.loss import PairLoss
 from ..operators.model_loss import loss_contract, mean_loss
+from ..operators.sharded import ShardedOperator
 from .criteria import compare_criteria, criteria, probe_summary
 from .memory_plan import LANCZOS_VECTORS, available_memory, plan_memory
 from .settings import AnalysisSettings
@@ -37,10 +39,11 @@ def _tight(s: AnalysisSettings, layout: ParameterLayout) -> bool:
     return basis + LANCZOS_VECTORS * layout.dim * 8 > 0.8 * available_memory(layout.device)
 
 
-def _memory_plan(model: nn.Module, loss_fn: Any, data: Any, s: AnalysisSettings, names: list[str] | None) -> Any:
+def _memory_plan(model: nn.Module, loss_fn: Any, data: Any, s: AnalysisSettings, names: list[str] | None,
+                 shards: int) -> Any:  # fmt: skip
     """:func:`~hesd.analysis.memory_plan.plan_memory` for these settings, logged (a warning when it costs accuracy)."""
     plan = plan_memory(model, loss_fn, data, num_steps=s.num_steps, max_memory=s.max_memory, hvp_method=s.hvp_method,
-                       params=names, model_mode=s.model_mode)  # fmt: skip
+                       params=names, model_mode=s.model_mode, shards=shards)  # fmt: skip
     deviates = plan.hvp_method == "finite_difference" or plan.basis["reorth"] != "full" or (
         plan.basis["basis_dtype"] is not None)  # fmt: skip
     (logger.warning if deviates else logger.info)("hesd: %s", plan.describe())
@@ -124,21 +127,25 @@ def analyze_model(
     names = layout.names if s.params else None
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
     op_kw: dict[str, Any] = {"hvp_method": s.hvp_method}
+    plan = None
     if s.max_memory is not None or _tight(s, layout):
         data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read twice
-        plan = _memory_plan(model, loss_fn, data, s, names)
+        plan = _memory_plan(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
         slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
     basis_kw = dict(slq_kw)
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
                          **op_kw)  # fmt: skip
     if s.stop_tol is not None:
         slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
-    spec = slq(op, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
+    # Data parallel: each rank keeps its block of every Lanczos vector (the basis divided by the world).
+    sharded = ShardedOperator(op) if rank_and_world(process_group)[1] > 1 else op
+    spec = slq(sharded, s.num_steps, s.num_probes, seed=s.seed, callback=callback, **slq_kw)
     crit = criteria(spec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
     row: dict[str, Any] = crit.to_dict()
     row["slq_lambda_min"], row["slq_lambda_max"] = crit.lambda_min, crit.lambda_max
     if s.refine_extremes:
-        ends = eigenvalues(op, k=2, which="BE", tol=s.extreme_tol, seed=s.seed, warn=False)
+        ends = eigenvalues(op, k=2, which="BE", tol=s.extreme_tol, seed=s.seed, warn=False,
+                           max_basis=plan.eigen_basis if plan is not None else None)  # fmt: skip
         lo, hi = float(ends.eigenvalues[0]), float(ends.eigenvalues[1])
         row.update(lambda_min=lo, lambda_max=hi, width=hi - lo, extremes_converged=bool(ends.converged))
         row["stable_step"] = 2.0 / hi if hi > 0 else math.inf

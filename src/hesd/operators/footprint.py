@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..allocator import release_free_memory
 from ..errors import HesdError, HesdValueError
 from .chunks import micro_batches, num_rows, sequence_length
 from .finite_difference import finite_difference_pass
@@ -102,6 +103,8 @@ class Footprint:
         tokens: tokens of every (micro-)batch, in order; ``tokens[0]`` is the measured one.
         rows: rows of every (micro-)batch.
         length: sequence length of the measured batch (1 without token ids).
+        shards: ranks the Lanczos vectors are split across (:mod:`hesd.operators.sharded`); set
+            by the planner, 1 for whole vectors.
     """
 
     dim: int
@@ -114,6 +117,7 @@ class Footprint:
     tokens: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     length: int = 1
+    shards: int = 1
 
     def scaled(self, part: str, tokens: int) -> float:
         """``part`` for a pass holding ``tokens`` tokens (linear in tokens); ``inf`` when unavailable."""
@@ -173,6 +177,7 @@ def measure_footprint(op: Any) -> Footprint:
         one = Objective(objective.model, objective.contract, [first_raw], layout, objective.forward)
         one.fd_step = objective.fd_step
         _, fd = allocation_peak(lambda: finite_difference_pass(state, one, v, 1), device)  # restores the parameters
+    release_free_memory()  # the probe's buffers are freed: do not keep them resident beside the analysis
     vector_item = 8 if layout.dtype in (torch.bfloat16, torch.float16) else layout.params[0].element_size()
     return Footprint(dim=layout.dim, item=layout.params[0].element_size(), vector_item=vector_item, graph=graph,
                      kept_product=kept, recompute_product=recompute, fd_product=fd, tokens=tokens, rows=rows,

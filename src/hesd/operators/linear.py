@@ -62,6 +62,28 @@ class LinearOperator:
             return self._matmat(v.unsqueeze(1)).squeeze(1)
         return self._matmat(v)
 
+    # ------------------------------------------------------------------ sharded vectors
+    # An operator whose vectors are split across ranks (hesd.operators.sharded) overrides these;
+    # algorithms call them so that the same code runs on whole and on sharded vectors.
+
+    @property
+    def full_dim(self) -> int:
+        """The dimension of the whole vector space (``shape[0]`` unless vectors are sharded)."""
+        return self.shape[0]
+
+    def local_rows(self, V: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of whole vectors ``V`` (``(full_dim, k)``); ``V`` itself unless sharded."""
+        return V
+
+    def reduce_inner(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum partial inner products over the ranks that hold the other rows; ``t`` unless sharded."""
+        return t
+
+    @property
+    def sharded(self) -> bool:
+        """Whether vectors are split across ranks (then inner products go through :meth:`reduce_inner`)."""
+        return False
+
     def start_direction(self) -> torch.Tensor | None:
         """A direction that Krylov methods may mix into their random start vector, or ``None``.
 
