@@ -15,6 +15,7 @@ from dist_workers import (
     CE,
     algorithms_worker,
     failing_worker,
+    fsdp_worker,
     mixed_columns_worker,
     series_worker,
     sharded_basis_worker,
@@ -83,6 +84,20 @@ def test_sharded_basis_equals_one_process_and_divides_the_basis(world, tmp_path)
         assert r["full"]["info"]["vector_rows"] == -(-P // world)  # each stored Lanczos vector: 1/world of P
     for r in results[1:]:
         assert r["full"]["values"] == results[0]["full"]["values"]  # identical decisions on every rank
+
+
+def test_fsdp2_model_by_shard_local_finite_differences(tmp_path):
+    """fully_shard on the CPU (gloo): products and SLQ equal one process's exact ones to the error of finite
+    differences; each rank holds its shards of every vector; the parameters are restored bit for bit."""
+    pytest.importorskip("torch.distributed.fsdp")
+    _spawn(fsdp_worker, 2, tmp_path)
+    results = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert sum(r["rows"] for r in results) == results[0]["full"]  # the shards tile the parameters
+    for r in results:
+        assert r["samples"] == 14 and r["restored"]
+        assert r["err"] < 1e-8
+        assert np.allclose(r["values"], r["ref_values"], rtol=1e-7, atol=1e-9)
+        assert np.allclose(r["weights"], r["ref_weights"], atol=1e-7)
 
 
 def test_token_level_loss_ranks_weighted_by_their_tokens(tmp_path):

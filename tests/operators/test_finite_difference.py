@@ -186,3 +186,11 @@ def test_transformer_keeps_its_attention_kernel_and_checkpointing_under_finite_d
     assert seen and all(seen)  # every forward pass, products included, ran checkpointed
     assert not [r for r in caplog.records if "checkpointing is off" in r.getMessage()]
     assert (HV - ref).norm() < 1e-8 * ref.norm()
+
+
+def test_fsdp_operator_refuses_a_model_fsdp2_has_not_sharded():
+    from hesd.operators.fsdp import FSDPHessianOperator
+
+    model, batches = _mlp(0)
+    with pytest.raises(hesd.HesdValueError, match="not sharded by FSDP2.*fully_shard"):
+        FSDPHessianOperator(model, F.cross_entropy, batches)
