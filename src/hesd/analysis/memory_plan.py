@@ -46,6 +46,7 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -60,7 +61,9 @@ from ..errors import MemoryBudgetError
 from ..operators import HessianOperator
 from ..operators.footprint import Footprint, measure_footprint
 
-__all__ = ["LANCZOS_VECTORS", "MARGIN", "MemoryPlan", "available_memory", "plan_memory"]
+__all__ = ["LANCZOS_VECTORS", "MARGIN", "MemoryPlan", "available_memory", "plan_for_settings", "plan_memory"]
+
+logger = logging.getLogger("hesd")
 
 #: the share of the budget held back (module docs)
 MARGIN = 0.1
@@ -279,7 +282,7 @@ def plan_memory(
         plan, why = make(fp, room, basis, max_tokens)
         if plan is None:
             continue
-        if hvp_method in ("graph", "double_backward") and plan.hvp_method in ("auto", "double_backward"):
+        if hvp_method in ("graph", "double_backward", "func") and plan.hvp_method in ("auto", "double_backward"):
             plan.hvp_method = hvp_method  # kept as the user gave it
         plan.footprint, plan.budget = fp, budget
         plan.choices.append(why)
@@ -308,3 +311,26 @@ def _no_plan(fp: Footprint, budget: int, steps: int, lean: dict, full: dict, exa
         "Options: raise max_memory (--max-memory), analyse fewer parameters (params=[...], --params), "
         "fewer Lanczos steps (num_steps, --steps), or shorter sequences"
     )
+
+
+def plan_for_settings(model: nn.Module, loss_fn: Any, data: Any, settings: Any, names: list[str] | None = None,
+                      shards: int = 1) -> MemoryPlan:  # fmt: skip
+    """:func:`plan_memory` for :class:`hesd.AnalysisSettings`, logged once per process.
+
+    A plan that costs accuracy (finite differences, a reduced basis) is a warning, others are
+    info; a series plans every checkpoint alike, so the same plan is said once.
+    """
+    s = settings
+    plan = plan_memory(model, loss_fn, data, num_steps=s.num_steps, max_memory=s.max_memory, hvp_method=s.hvp_method,
+                       params=names if names is not None else s.params, model_mode=s.model_mode,
+                       shards=shards)  # fmt: skip
+    deviates = plan.hvp_method == "finite_difference" or plan.basis["reorth"] != "full" or (
+        plan.basis["basis_dtype"] is not None)  # fmt: skip
+    text = plan.describe()
+    if text not in _SAID:
+        _SAID.add(text)
+        (logger.warning if deviates else logger.info)("hesd: %s", text)
+    return plan
+
+
+_SAID: set[str] = set()

@@ -24,7 +24,7 @@ from ..operators.loss import PairLoss
 from ..operators.model_loss import loss_contract, mean_loss
 from ..operators.sharded import ShardedOperator
 from .criteria import compare_criteria, criteria, probe_summary
-from .memory_plan import LANCZOS_VECTORS, available_memory, plan_memory
+from .memory_plan import LANCZOS_VECTORS, available_memory, plan_for_settings
 from .settings import AnalysisSettings
 
 __all__ = ["analyze_model", "check_inputs", "select_params"]
@@ -37,17 +37,6 @@ def _tight(s: AnalysisSettings, layout: ParameterLayout) -> bool:
     lockstep = min(s.num_probes, 8 if layout.device.type == "cuda" else 1)  # HessianOperator.default_lockstep
     basis = s.num_steps * layout.dim * max(layout.dtype.itemsize, 4) * lockstep
     return basis + LANCZOS_VECTORS * layout.dim * 8 > 0.8 * available_memory(layout.device)
-
-
-def _memory_plan(model: nn.Module, loss_fn: Any, data: Any, s: AnalysisSettings, names: list[str] | None,
-                 shards: int) -> Any:  # fmt: skip
-    """:func:`~hesd.analysis.memory_plan.plan_memory` for these settings, logged (a warning when it costs accuracy)."""
-    plan = plan_memory(model, loss_fn, data, num_steps=s.num_steps, max_memory=s.max_memory, hvp_method=s.hvp_method,
-                       params=names, model_mode=s.model_mode, shards=shards)  # fmt: skip
-    deviates = plan.hvp_method == "finite_difference" or plan.basis["reorth"] != "full" or (
-        plan.basis["basis_dtype"] is not None)  # fmt: skip
-    (logger.warning if deviates else logger.info)("hesd: %s", plan.describe())
-    return plan
 
 
 def _heldout_eval(model: nn.Module, data: Iterable, loss_fn: Any, device, dtype) -> dict[str, float]:
@@ -130,7 +119,7 @@ def analyze_model(
     plan = None
     if s.max_memory is not None or _tight(s, layout):
         data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read twice
-        plan = _memory_plan(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
+        plan = plan_for_settings(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
         slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
     basis_kw = dict(slq_kw)
     op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,

@@ -26,7 +26,7 @@ from ..operators.data import as_reiterable
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
 from .fingerprint import inputs_fingerprint
 from .hf_checkpoints import load_hf_checkpoint
-from .memory_plan import plan_memory
+from .memory_plan import plan_for_settings
 from .model import analyze_model as analyze_model
 from .model import check_inputs
 from .recorder import SeriesRecorder
@@ -153,7 +153,8 @@ def analyze_checkpoints(
                 "MODULE:FACTORY); only Hugging Face checkpoint folders build their own model"
             )
         model = place(model_factory(), s)
-    _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group)
+    shards = rank_and_world(group)[1] if parallel == "data" else 1  # ranks splitting the Lanczos vectors
+    _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards)
     store, error = None, None
     if out_dir is not None and rank == 0:
         try:
@@ -178,7 +179,7 @@ def analyze_checkpoints(
             store.close()
 
 
-def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group) -> None:
+def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards) -> None:
     """:func:`~hesd.analysis.model.check_inputs` on the first batch (every rank), before any checkpoint.
 
     With ``max_memory``, the memory plan too (:func:`~hesd.analysis.memory_plan.plan_memory`).
@@ -196,8 +197,7 @@ def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group) -> 
         if probe is not None:
             check_inputs(probe, data, loss_fn, s.params, "analyze_checkpoints")
             if s.max_memory is not None:  # a budget no plan fits stops the run here, not at every checkpoint
-                plan_memory(place(probe, s), loss_fn, data, num_steps=s.num_steps, max_memory=s.max_memory,
-                            hvp_method=s.hvp_method, params=s.params, model_mode=s.model_mode)  # fmt: skip
+                plan_for_settings(place(probe, s), loss_fn, data, s, shards=shards)
     except HesdValueError as exc:
         error = exc
     if group is not None:
