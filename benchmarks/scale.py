@@ -77,6 +77,12 @@ class Logits(nn.Module):
         return out.reshape(-1, out.shape[-1])
 
 
+def partial(r: dict) -> None:
+    """What a run has measured so far (the parent reports it if the run is cut short)."""
+    print("PARTIAL " + json.dumps({k: v for k, v in r.items() if k != "plan"} | {"RSS GiB": rss_gib(),
+          "plan": r.get("plan", "")}), flush=True)  # fmt: skip
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -101,21 +107,25 @@ def run_hesd(size: str, a) -> dict:
     spec, r["SLQ s"] = timed(slq)
     r["SLQ λmax"] = float(max(spec.values[0]))
     r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
+    r["SLQ RSS GiB"] = rss_gib()
+    partial(r)
     params = list(model.parameters())
     _, r["grad s"] = timed(lambda: torch.autograd.grad(model(**batch).loss, params))
-    op = hesd.HessianOperator(model, None, data)
+    op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())  # within the plan's memory
     v = torch.randn(op.shape[0])
-    op @ v  # first-order pass, graph kept
+    op @ v  # first-order pass (graphs kept as the plan allows)
     _, r["HVP s"] = timed(lambda: op @ v)
     fd = hesd.HessianOperator(model, None, data, hvp_method="finite_difference", check_deterministic=False)
     fd @ v
     _, r["FD s"] = timed(lambda fd=fd: fd @ v)
     del fd
+    partial(r)
     n0 = op.num_matvecs
     basis = plan.eigen_basis  # the restarted Lanczos basis within the plan's basis memory
     top, r["top-1 s"] = timed(lambda: hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis))
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
-    r["reference"] = float(hesd.eigenvalues(op, k=1, tol=1e-6, warn=False, max_basis=basis).eigenvalues[0])
+    partial(r)
+    r["reference"] = float(hesd.eigenvalues(op, k=1, tol=a.ref_tol, warn=False, max_basis=basis).eigenvalues[0])
     return r
 
 
@@ -212,6 +222,7 @@ def main() -> None:
     ap.add_argument("--max-memory", type=lambda s: int(float(s) * 2**30), default=10 * 2**30, help="GiB for hesd")
     ap.add_argument("--timeout", type=int, default=3 * 3600, help="seconds per (tool, size) run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ref-tol", type=float, default=1e-6, help="tolerance of hesd's reference λmax")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -228,13 +239,21 @@ def main() -> None:
         reference = math.nan
         for tool in a.tools:
             cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", str(a.max_memory / 2**30),
-                   "--threads", str(a.threads)]  # fmt: skip
+                   "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)]  # fmt: skip
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                r = json.loads(lines[-1][7:]) if lines else {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-            except subprocess.TimeoutExpired:
-                r = {"error": f"did not finish in {a.timeout} s"}
+                out, err = p.stdout, p.stderr
+            except subprocess.TimeoutExpired as exc:
+                out, err = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), ""
+                err = f"did not finish in {a.timeout} s"
+            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+            parts = [x for x in out.splitlines() if x.startswith("PARTIAL ")]
+            if lines:
+                r = json.loads(lines[-1][7:])
+            elif parts:
+                r = json.loads(parts[-1][8:]) | {"cut": err.strip().splitlines()[-1] if err.strip() else "?"}
+            else:
+                r = {"error": (err.strip().splitlines() or ["?"])[-1]}
             if tool == "hesd" and "reference" in r:
                 reference = r["reference"]
             if "top-1" in r:
@@ -244,9 +263,12 @@ def main() -> None:
                 continue
             cells = [f"{r[c]:10.3g}" if isinstance(r.get(c), (int, float)) else f"{'-':>10}" for c in cols]
             print(f"{size:<5} {tool:<12} " + " ".join(cells), flush=True)
+            if "cut" in r:
+                print(f"      cut short ({r['cut']}); the columns are what it measured before")
             if tool == "hesd":
-                print(f"      P = {r['P']:,}; λmax {r['reference']:.6g}; SLQ λmax {r['SLQ λmax']:.6g}; plan "
-                      f"{r['plan GiB']:.2f} GiB vs resident growth {r['grown GiB']:.2f} GiB", flush=True)  # fmt: skip
+                print(f"      P = {r['P']:,}; λmax {r.get('reference', math.nan):.6g}; SLQ λmax {r['SLQ λmax']:.6g}; "
+                      f"plan {r['plan GiB']:.2f} GiB vs resident growth {r['grown GiB']:.2f} GiB; peak RSS after "
+                      f"the SLQ {r['SLQ RSS GiB']:.2f} GiB", flush=True)  # fmt: skip
                 print("      " + r["plan"].replace("\n", "\n      "), flush=True)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["Decision", "decide", "grade", "series_unit"]
+__all__ = ["Decision", "decide", "gap_text", "grade", "series_unit"]
 
 _RULES = {"highest_ct_mp": "the paper's rule (highest Ct among MP checkpoints)",
           "smallest_lambda_max": "the classic rule (smallest λmax)"}  # fmt: skip
@@ -77,7 +77,12 @@ def grade(entry: dict[str, Any]) -> str:
     return "good" if gap <= 0.01 else ("fair" if gap <= 0.05 else "poor")
 
 
-def _gap(entry: dict[str, Any]) -> str:
+def gap_text(entry: dict[str, Any]) -> str:
+    """A pick's distance from the series' best held-out checkpoint, in words ("" when unmeasured).
+
+    The one wording the decision sentence, the report's pick boxes and ``hesd analyze``'s summary
+    share.
+    """
     if entry.get("gap_to_best") is None:
         return ""
     metric = "held-out loss" if entry.get("gap_metric") == "heldout_loss" else "held-out accuracy"
@@ -116,12 +121,12 @@ def decide(table: pd.DataFrame, selections: dict[str, dict[str, Any]], unit: str
     if paper.get("checkpoint"):
         keep = name(paper)
         sentence = f"Keep {keep} ({unit} {paper.get('epoch')}): {_RULES['highest_ct_mp']}"
-        gap = _gap(paper)
+        gap = gap_text(paper)
     elif classic.get("checkpoint"):
         keep = None
         sentence = (f"No checkpoint is mainly positive, so curvature-based selection does not apply; "
                     f"{_RULES['smallest_lambda_max']} would pick {name(classic)}")  # fmt: skip
-        gap = _gap(classic)
+        gap = gap_text(classic)
         warnings.append("every checkpoint is MN: choose on held-out data")
     else:
         return Decision(None, "No checkpoint was analysed successfully: nothing to choose.", grades, flags,

@@ -131,13 +131,14 @@ class MemoryPlan:
     def eigen_basis(self) -> int:
         """``max_basis`` for :func:`hesd.eigenvalues` after the SLQ, 6 to 40 vectors.
 
-        As many vectors as the SLQ basis's bytes hold in the operator's dtype: the two bases are
-        never alive together.
+        Sized to the SLQ basis's bytes (the two bases are never alive together): restarted
+        Lanczos holds ``max_basis + 1`` vectors and, while restarting, half as many again.
         """
         fp = self.footprint
         if fp is None:
             return 40
-        return int(max(6, min(40, self.basis["basis_bytes"] // max(fp.dim * fp.vector_item, 1))))
+        fit = self.basis["basis_bytes"] // max(fp.dim * fp.vector_item, 1)
+        return int(max(6, min(40, (fit - 1) / 1.5)))  # the basis, one more vector, and a restart's half
 
     def slq_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesd.slq` (one probe at a time: the basis is for one)."""

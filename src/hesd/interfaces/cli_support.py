@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from ..analysis.decision import decide, series_unit
+from ..analysis.decision import decide, gap_text, series_unit
 from ..analysis.rows import VIEWS
 
 if sys.version_info >= (3, 11):
@@ -218,13 +218,7 @@ def print_summary(table, selections) -> None:
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for rule, sel in selections.items():
         pick = Path(sel["checkpoint"]).name if sel.get("checkpoint") else "no pick"
-        gap = ""
-        if sel.get("gap_to_best") is not None and rule != "best_heldout":
-            if sel.get("gap_metric") == "heldout_loss":
-                gap = f" (held-out loss {sel['heldout_loss']:.4g}, {sel['gap_to_best']:+.4g} vs the best)"
-            else:
-                points = 100 * sel["gap_to_best"]
-                gap = f" (held-out accuracy {sel['heldout_accuracy']:.4g}, {points:.2f} points below the best)"
+        gap = f" ({gap_text(sel)})" if rule != "best_heldout" and gap_text(sel) else ""
         typer.echo(f"{rule}: {pick} — {sel['reason']}{gap}")
     decision = decide(table, selections, unit)
     typer.echo(f"\n{decision.sentence}")

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
-from ..analysis.decision import decide, series_unit
+from ..analysis.decision import decide, gap_text, series_unit
 from ..analysis.rows import VIEWS, build_table, records
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
@@ -120,14 +120,6 @@ def _fig_density(series: SeriesData):
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     return fig
-
-
-def _gap_text(v: dict) -> str:
-    if v.get("gap_to_best") is None:
-        return ""
-    if v.get("gap_metric") == "heldout_loss":
-        return f"; held-out loss {v['heldout_loss']:.4f}, {v['gap_to_best']:+.4f} above the best"
-    return f"; held-out accuracy {v['heldout_accuracy']:.4f}, {v['gap_to_best'] * 100:.2f} points below the best"
 
 
 def _fig_criteria(series: SeriesData):
@@ -359,7 +351,7 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
             f"<div class='pick {decision.grades.get(r, 'good' if r == 'best_heldout' else 'unknown')}'>"
             f"<b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
             f"{html.escape(Path(v['checkpoint']).name) if v.get('checkpoint') else '<i>no pick</i>'} — "
-            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' else _gap_text(v)))}"
+            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' or not gap_text(v) else '; ' + gap_text(v)))}"
             + "".join(f"<div class='flag'>⚠ {html.escape(f)}</div>" for f in decision.flags.get(r, []))
             + "</div>"
             for r, v in s.selections.items()
