@@ -49,7 +49,7 @@ def test_footprint_graph_is_what_the_operator_keeps_and_scales_with_tokens():
     model, data = _gpt2(rows=(4,))
     op = hesd.HessianOperator(model, None, data, hvp_method="graph")
     fp = measure_footprint(op)
-    assert fp.graph == op.graph_bytes  # the same count of saved tensors as the first-order pass
+    assert fp.graph == pytest.approx(op.graph_bytes, rel=0.05)  # fitted on 1 and 2 rows, told at 4
     assert fp.tokens == [96] and fp.rows == [4] and fp.length == 24 and fp.dim == op.shape[0]
     assert 0 < fp.kept_product < fp.recompute_product and 0 < fp.fd_product < fp.recompute_product
     cut = measure_footprint(hesd.HessianOperator(model, None, data, max_tokens=48))

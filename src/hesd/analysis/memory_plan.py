@@ -168,10 +168,13 @@ def _parts(fp: Footprint, basis_bytes: float, kept: float, product: float, fd: b
 
 def _fit_tokens(fp: Footprint, part: str, room: float) -> int | None:
     """The largest micro-batch (whole rows, in tokens) whose ``part`` transient fits ``room``; else ``None``."""
-    per_token = fp.scaled(part, 1)
-    if not math.isfinite(per_token) or per_token <= 0:
+    fixed = fp.scaled(part, 0)  # parameter-sized buffers: the same for any micro-batch
+    per_token = fp.scaled(part, 1) - fixed
+    if not math.isfinite(fixed) or room < fixed:
         return None
-    rows = int(room / (per_token * fp.length))
+    if per_token <= 0:
+        return max(fp.tokens)
+    rows = int((room - fixed) / (per_token * fp.length))
     return rows * fp.length if rows >= 1 else None
 
 

@@ -1,7 +1,7 @@
 r"""What one batch costs in memory, measured: the inputs of the memory planner.
 
-:func:`measure_footprint` runs, on an operator's first (micro-)batch, each pass a plan may use
-and records the peak of the bytes allocated during it (:func:`allocation_peak`: PyTorch's
+:func:`measure_footprint` runs, on one and on two rows of an operator's first batch, each
+pass a plan may use and records the peak of the bytes allocated during it (:func:`allocation_peak`: PyTorch's
 profiler on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU — allocator bytes, not the
 process's resident size):
 
@@ -13,8 +13,11 @@ process's resident size):
 * ``fd_product`` — of one finite-difference column: a forward and a plain backward, twice.
 
 Activation memory grows with the tokens a pass holds (rows × sequence length,
-:mod:`~hesd.operators.chunks`), so each number scales to another batch by its token count:
-``tokens`` lists every (micro-)batch's. The probe costs about two products; the parameters are
+:mod:`~hesd.operators.chunks`) while parameter-sized buffers do not, so each part is fitted as
+``a + b · tokens`` from the two probes and scaled to every (micro-)batch (``tokens`` lists
+them). The probes hold one and two rows whatever the batch size, so the planner itself stays
+small beside a large batch (a 124 M-parameter GPT-2's full 4 × 128-token batch, probed whole,
+took the process to 9.8 GiB). They cost about four products of two rows; the parameters are
 left exactly as they were.
 """
 
@@ -105,6 +108,7 @@ class Footprint:
         length: sequence length of the measured batch (1 without token ids).
         shards: ranks the Lanczos vectors are split across (:mod:`hesd.operators.sharded`); set
             by the planner, 1 for whole vectors.
+        fit: ``part -> (a, b)``, the bytes of ``part`` as ``a + b · tokens``.
     """
 
     dim: int
@@ -118,11 +122,14 @@ class Footprint:
     rows: list[int] = field(default_factory=list)
     length: int = 1
     shards: int = 1
+    fit: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def scaled(self, part: str, tokens: int) -> float:
-        """``part`` for a pass holding ``tokens`` tokens (linear in tokens); ``inf`` when unavailable."""
-        value = getattr(self, part)
-        return math.inf if value is None else value * tokens / max(self.tokens[0], 1)
+    def scaled(self, part: str, tokens: float) -> float:
+        """``part`` for a pass holding ``tokens`` tokens (``a + b · tokens``); ``inf`` when unavailable."""
+        if getattr(self, part) is None:
+            return math.inf
+        a, b = self.fit.get(part, (0.0, getattr(self, part) / max(self.tokens[0], 1)))
+        return a + b * tokens
 
 
 def _sizes(data: Any, max_tokens: int | None) -> tuple[list[int], list[int]]:
@@ -135,22 +142,15 @@ def _sizes(data: Any, max_tokens: int | None) -> tuple[list[int], list[int]]:
     return tokens, rows
 
 
-def measure_footprint(op: Any) -> Footprint:
-    """Measure a :class:`hesd.HessianOperator`'s first (micro-)batch (module docs).
-
-    Raises:
-        HesdValueError: the data holds no item.
-    """
+def _probe(op: Any, raw: Any) -> tuple[int | None, int | None, int | None, int | None]:
+    """``(graph, kept, recompute, fd)`` bytes of the passes over one raw (micro-)batch."""
     objective = op.objective
     layout = objective.layout
     device = layout.device
-    tokens, rows = _sizes(objective.data, objective.max_tokens)
-    batch = next(iter(objective.batches()), None)
+    batch = objective.contract.prepare(raw, device, layout.dtype)
     if batch is None:
-        raise HesdValueError("plan_memory: the data holds no item")
-    first_raw = next(iter(micro_batches(next(iter(objective.data)), objective.max_tokens)))
-    length = sequence_length(first_raw)
-    v = torch.randn(layout.dim, 1, dtype=layout.dtype, device=device, generator=None)
+        return None, None, None, None
+    v = torch.randn(layout.dim, 1, dtype=layout.dtype, device=device)
     saved = [0]
 
     def first_order() -> torch.Tensor | None:
@@ -174,11 +174,51 @@ def measure_footprint(op: Any) -> Footprint:
             raise
     if layout.dtype not in (torch.bfloat16, torch.float16):
         state = FirstOrderState(total=float(batch.count), loss=0.0, gradient=torch.zeros(0))
-        one = Objective(objective.model, objective.contract, [first_raw], layout, objective.forward)
+        one = Objective(objective.model, objective.contract, [raw], layout, objective.forward)
         one.fd_step = objective.fd_step
         _, fd = allocation_peak(lambda: finite_difference_pass(state, one, v, 1), device)  # restores the parameters
+    return graph, kept, recompute, fd
+
+
+def measure_footprint(op: Any) -> Footprint:
+    """Measure a :class:`hesd.HessianOperator` on one and two rows of its first batch (module docs).
+
+    Each part is fitted as ``a + b · tokens`` (parameter-sized buffers do not grow with the
+    batch, activations do) and given at the first (micro-)batch's size; a batch of one row is
+    measured as it is. The probe itself stays small, whatever the batch.
+
+    Raises:
+        HesdValueError: the data holds no item.
+    """
+    objective = op.objective
+    layout = objective.layout
+    tokens, rows = _sizes(objective.data, objective.max_tokens)
+    if not tokens:
+        raise HesdValueError("plan_memory: the data holds no item")
+    first_raw = next(iter(micro_batches(next(iter(objective.data)), objective.max_tokens)))
+    length = sequence_length(first_raw)
+    pieces = iter(micro_batches(first_raw, length))  # one row each
+    one = next(pieces)
+    two = next(iter(micro_batches(first_raw, 2 * length)), None) if rows[0] > 1 else None
+    small = _probe(op, one)
+    pair = _probe(op, two) if two is not None else None
     release_free_memory()  # the probe's buffers are freed: do not keep them resident beside the analysis
+    fit: dict[str, tuple[float, float]] = {}
+    values: list[int | None] = []
+    for k, part in enumerate(("graph", "kept_product", "recompute_product", "fd_product")):
+        m1 = small[k]
+        m2 = pair[k] if pair is not None else None
+        if m1 is None:
+            values.append(None)
+            continue
+        if m2 is None:  # one row: proportional
+            fit[part] = (0.0, m1 / length)
+        else:
+            b = max(0.0, (m2 - m1) / length)
+            fit[part] = (max(0.0, m1 - b * length), b)
+        a, b = fit[part]
+        values.append(int(a + b * tokens[0]))
     vector_item = 8 if layout.dtype in (torch.bfloat16, torch.float16) else layout.params[0].element_size()
-    return Footprint(dim=layout.dim, item=layout.params[0].element_size(), vector_item=vector_item, graph=graph,
-                     kept_product=kept, recompute_product=recompute, fd_product=fd, tokens=tokens, rows=rows,
-                     length=length)  # fmt: skip
+    return Footprint(dim=layout.dim, item=layout.params[0].element_size(), vector_item=vector_item, graph=values[0],
+                     kept_product=values[1], recompute_product=values[2], fd_product=values[3], tokens=tokens,
+                     rows=rows, length=length, fit=fit)  # fmt: skip
