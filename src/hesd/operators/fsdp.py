@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..collectives import all_reduce_sum
 from ..errors import HesdValueError
 from .data import ModelCall, as_reiterable
 from .finite_difference import TAU, check_model, relative_step
@@ -52,6 +51,7 @@ from .forward import model_state
 from .linear import LinearOperator
 from .loss import LossBatch, LossContract
 from .model_loss import loss_contract
+from .sharded import RankShards
 
 __all__ = ["FSDPHessianOperator"]
 
@@ -69,7 +69,7 @@ def _sharded_params(model: nn.Module) -> list[Any]:
     return params
 
 
-class FSDPHessianOperator(LinearOperator):
+class FSDPHessianOperator(RankShards, LinearOperator):
     """Finite-difference Hessian of an FSDP2 model over all ranks' data, vectors sharded like the parameters.
 
     Args:
@@ -102,7 +102,7 @@ class FSDPHessianOperator(LinearOperator):
         check_model(model, self.dtype, "FSDPHessianOperator")
         n = sum(t.numel() for t in self.locals)
         self.shape = (n, n)
-        self.n_full = sum(p.numel() for p in self.params)
+        self.n = sum(p.numel() for p in self.params)
         self.rel = fd_step or relative_step(self.dtype)
         self.contract = loss_contract(loss_fn, "FSDPHessianOperator")
         self.contract.bind(model)
@@ -122,23 +122,9 @@ class FSDPHessianOperator(LinearOperator):
         self.num_samples = float(sum(float(t[0, 1]) for t in every))
         self.num_matvecs = 0
         squares = torch.tensor([sum(float((t.double() ** 2).sum()) for t in self.locals)], dtype=torch.float64)
-        self.tau = TAU * math.sqrt(float(self.reduce_inner(squares)) / self.n_full)
+        self.tau = TAU * math.sqrt(float(self.reduce_inner(squares)) / self.n)
 
     # ------------------------------------------------------------------ sharded vectors
-    @property
-    def full_dim(self) -> int:
-        """:math:`P`, all the parameters' entries."""
-        return self.n_full
-
-    @property
-    def sharded(self) -> bool:
-        """Always ``True``: vectors hold this rank's shards."""
-        return True
-
-    def reduce_inner(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over the ranks of partial inner products ``t`` (a new tensor)."""
-        return all_reduce_sum(t.clone(), self.group)
-
     def local_rows(self, V: torch.Tensor) -> torch.Tensor:
         """The rows of whole vectors ``V`` (``(P, k)``, parameters in ``model.parameters()`` order) on this rank."""
         out, offset = [], 0

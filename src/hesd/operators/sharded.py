@@ -25,6 +25,8 @@ Examples:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -32,10 +34,35 @@ from ..collectives import all_reduce_sum, rank_and_world
 from ..errors import HesdValueError
 from .linear import LinearOperator
 
-__all__ = ["ShardedOperator"]
+__all__ = ["RankShards", "ShardedOperator"]
 
 
-class ShardedOperator(LinearOperator):
+class RankShards:
+    """What an operator on vectors split across the ranks of ``group`` tells the algorithms.
+
+    A mixin: the class sets ``group`` (the process group) and ``n`` (the whole vector's
+    dimension), and defines ``local_rows``.
+    """
+
+    group: Any
+    n: int
+
+    @property
+    def full_dim(self) -> int:
+        """:math:`P`, the whole vector's dimension."""
+        return self.n
+
+    @property
+    def sharded(self) -> bool:
+        """Always ``True``: vectors hold this rank's rows."""
+        return True
+
+    def reduce_inner(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of partial inner products ``t`` (a new tensor)."""
+        return all_reduce_sum(t.clone(), self.group)
+
+
+class ShardedOperator(RankShards, LinearOperator):
     """``op`` (data parallel, with a ``process_group``) acting on this rank's rows of each vector.
 
     Args:
@@ -73,25 +100,11 @@ class ShardedOperator(LinearOperator):
         """Products of the underlying operator."""
         return self.op.num_matvecs
 
-    @property
-    def full_dim(self) -> int:
-        """:math:`P`, the whole vector's dimension."""
-        return self.n
-
-    @property
-    def sharded(self) -> bool:
-        """Always ``True``."""
-        return True
-
     def local_rows(self, V: torch.Tensor) -> torch.Tensor:
         """This rank's block of rows of whole vectors ``V`` (``(P, k)``), zero-padded to ``L`` rows."""
         out = torch.zeros(self.block, V.shape[1], dtype=V.dtype, device=V.device)
         out[: self.rows.stop - self.rows.start] = V[self.rows]
         return out
-
-    def reduce_inner(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over the ranks of partial inner products ``t`` (a new tensor)."""
-        return all_reduce_sum(t.clone(), self.group)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         whole = torch.empty(self.world * self.block, V.shape[1], dtype=V.dtype, device=V.device)
