@@ -164,3 +164,32 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
                     "samples": op.num_samples}, f"{out}/fsdp_rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def peer_failure_worker(rank: int, world: int, init_file: str, out: str, how: str) -> None:
+    """Rank 1 dies (``os._exit``) or stops itself (SIGSTOP) while rank 0 waits in an all-reduce;
+    rank 0 writes what :func:`hesd.distributed.explain_failure` makes of the collective's error."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from hesd.distributed import explain_failure, note_peers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=4))  # fmt: skip
+    note_peers()
+    if rank == 1:
+        Path(out, "rank1.pid").write_text(str(os.getpid()))
+        if how == "dies":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    try:
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        dist.all_reduce(t)
+        Path(out, "explained.txt").write_text("no error")
+    except RuntimeError as exc:
+        Path(out, "explained.txt").write_text(explain_failure(exc) or f"not explained: {exc}")
+    os._exit(0)  # no teardown with a missing peer

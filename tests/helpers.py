@@ -92,3 +92,14 @@ def random_symmetric(n: int, eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return (Q * eigs.to(torch.float64)) @ Q.T
+
+
+def make_series(folder, checkpoints: int):
+    """``checkpoints`` random DigitsMLP files ``epoch_1.pt`` … in ``folder``, and 200 training / held-out samples."""
+    from hesd.models import DigitsMLP, load_digits_tensors
+
+    for e in range(checkpoints):
+        torch.manual_seed(e)
+        torch.save(DigitsMLP().state_dict(), folder / f"epoch_{e + 1}.pt")
+    X, y, Xh, yh = load_digits_tensors()
+    return folder, (X[:200], y[:200]), (Xh[:200], yh[:200])

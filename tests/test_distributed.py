@@ -17,6 +17,7 @@ from dist_workers import (
     failing_worker,
     fsdp_worker,
     mixed_columns_worker,
+    peer_failure_worker,
     series_worker,
     sharded_basis_worker,
     token_worker,
@@ -139,6 +140,67 @@ def test_failing_rank_fails_every_rank_quickly(tmp_path):
     assert time.time() - t < 60
     msg = str(err.value)
     assert "DistributedError" in msg and "rank 1" in msg and "loss is nan" in msg
+
+
+@pytest.mark.parametrize("how", ["dies", "stops"])
+def test_a_rank_that_dies_or_stops_is_named(how, tmp_path):
+    """gloo says "Connection reset by peer" or times out, without a rank; hesd names the rank and what happened."""
+    import os
+    import signal
+
+    ctx = mp.spawn(peer_failure_worker, args=(2, str(tmp_path / "init"), str(tmp_path), how), nprocs=2, join=False)
+    t = time.time()
+    ctx.processes[0].join(90)
+    elapsed = time.time() - t
+    pid = int((tmp_path / "rank1.pid").read_text())
+    for p in ctx.processes:  # a stopped rank must be woken to be killed
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+            os.kill(p.pid, signal.SIGCONT)
+        p.join(30)
+    msg = (tmp_path / "explained.txt").read_text()
+    assert f"rank 1 (pid {pid})" in msg, msg
+    assert ("died" if how == "dies" else "is stopped") in msg, msg
+    assert "rerun" in msg and "HESD_DIST_TIMEOUT" in msg
+    assert elapsed < 60  # the group's 4 s timeout, not torch's 30 minutes
+
+
+def test_cli_gives_up_on_a_stopped_rank_after_the_timeout(tmp_path):
+    """A SIGSTOPped rank under torchrun: the others stop after HESD_DIST_TIMEOUT with a message naming it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from hesd.training import TrainConfig, train_with_checkpoints
+
+    (tmp_path / "m.py").write_text(textwrap.dedent("""
+        import os, signal, subprocess, torch
+        from hesd.models import DigitsMLP, load_digits_tensors
+        def model():
+            if os.environ.get("RANK") == "1":  # freeze, woken 40 s later so torchrun can end it
+                subprocess.Popen(["sh", "-c", f"sleep 40; kill -CONT {os.getpid()}"], start_new_session=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return DigitsMLP()
+        def data():
+            X, y, _, _ = load_digits_tensors()
+            return [(X[i:i + 512], y[i:i + 512]) for i in range(0, len(y), 512)]
+    """))  # fmt: skip
+    X, y, _, _ = load_digits_tensors()
+    torch.manual_seed(0)
+    train_with_checkpoints(DigitsMLP(), X, y, tmp_path / "ck", TrainConfig(epochs=1, lr=0.05))
+    hesd_exe = os.path.join(os.path.dirname(sys.executable), "hesd")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HESD_DIST_TIMEOUT": "5"}
+    t = time.time()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--no-python", hesd_exe, "analyze", str(tmp_path / "ck"), "--model",
+                          f"{tmp_path / 'm.py'}:model", "--data", f"{tmp_path / 'm.py'}:data", "--steps", "5",
+                          "--probes", "1", "--no-landscape", "--no-report", "--out", str(tmp_path / "o"),
+                          "--distributed"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert run.returncode != 0
+    assert "rank 1 (pid" in run.stderr and "is stopped" in run.stderr, run.stderr[-3000:]
+    assert "HESD_DIST_TIMEOUT=5" in run.stderr
+    assert time.time() - t < 120, "gave up after the timeout, not torch's 30 minutes"
 
 
 @pytest.mark.parametrize("parallel", ["data", "checkpoints"])

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 from .errors import HesdTypeError, HesdValueError
 
-__all__ = ["check_choice", "check_positive_float", "check_positive_int", "check_type", "is_int_at_least"]
+__all__ = [
+    "check_choice",
+    "check_device",
+    "check_positive_float",
+    "check_positive_int",
+    "check_type",
+    "is_int_at_least",
+]
 
 T = TypeVar("T")
 
@@ -55,3 +62,33 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, caller: st
     if not isinstance(value, types):
         raise HesdTypeError(f"{caller}: {name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def check_device(device: Any, name: str, caller: str) -> Any:
+    """``device`` as a ``torch.device`` if it names one that this machine has.
+
+    Examples:
+        >>> check_device("cpu", "device", "analyze_checkpoints")
+        device(type='cpu')
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise HesdValueError(
+            f"{caller}: {name}={device!r} is not a device; use 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
+    if backend is not None and not backend.is_available():
+        build = "" if dev.type != "cuda" or torch.version.cuda else " (this torch is a CPU-only build)"
+        raise HesdValueError(
+            f"{caller}: {name}={device!r}, but this machine has no usable {dev.type.upper()} device{build}; "
+            "leave the device out (or use 'cpu')"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HesdValueError(
+            f"{caller}: {name}={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+    return dev

@@ -36,6 +36,8 @@ __all__ = [
     "agree",
     "broadcast",
     "consensus",
+    "explain_failure",
+    "note_peers",
     "rank_and_world",
     "resolve_group",
     "shard",
@@ -114,3 +116,82 @@ def slq_probe_parallel(A: Any, num_steps: int, num_probes: int, *, group: Any = 
     spec.num_matvecs = sum(t[4] for t in allp)
     spec.info = {"num_steps": num_steps, "num_probes": num_probes, "seed": seed, "parallel": "probes", "world": world}
     return spec
+
+
+# ---------------------------------------------------------------------------------------------- a peer that died
+_PEERS: list[tuple[str, int]] = []  # (host, pid) per rank, from note_peers
+_COLLECTIVE_FAILURES = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout",
+                        "connection refused", "end of file", "socket")  # fmt: skip
+
+
+def note_peers(group: Any = None) -> list[tuple[str, int]]:
+    """Record every rank's host and pid (one all-gather), so :func:`explain_failure` can name a dead rank.
+
+    The CLI calls it when it joins a ``torchrun`` job; a library user may call it after
+    ``init_process_group``.
+    """
+    import os
+    import socket
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    g = resolve_group(group if group is not None else True)
+    peers: list[Any] = [None] * rank_and_world(g)[1]
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=g)
+    _PEERS[:] = [tuple(p) for p in peers]
+    return list(_PEERS)
+
+
+def _state(host: str, pid: int) -> str | None:
+    """``"died"``, ``"is stopped"`` or ``None`` (running, or on another host) for a peer process."""
+    import os
+    import socket
+
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "died"
+    except OSError:  # no /proc (macOS): ask the kernel whether it exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "died"
+        except PermissionError:
+            return None
+        return None
+    return {
+        "Z": "died",
+        "X": "died",
+        "T": "is stopped (SIGSTOP, or held in a debugger)",
+        "t": "is stopped (traced)",
+    }.get(state)
+
+
+def explain_failure(exc: BaseException) -> str | None:
+    """A message naming the rank that died or hung, when ``exc`` is a collective that failed because of it.
+
+    gloo reports a dead peer as ``Connection reset by peer`` and a hung one as a timeout, with
+    an address but no rank; with the hosts and pids of :func:`note_peers` this says which rank
+    it was (on this host: died, or stopped) and what to do. ``None`` for any other exception.
+
+    Examples:
+        >>> explain_failure(ValueError("bad input")) is None
+        True
+    """
+    import os
+
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(k in text.lower() for k in _COLLECTIVE_FAILURES):
+        return None
+    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+    culprits = [f"rank {r} (pid {pid}) {state}" for r, (host, pid) in enumerate(_PEERS)
+                if r != me and (state := _state(host, pid)) is not None]  # fmt: skip
+    who = "; ".join(culprits) if culprits else "another rank stopped answering (it died, hung or lost its network)"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    timeout = os.environ.get("HESD_DIST_TIMEOUT", "600")
+    return (f"rank {me}: a collective operation failed because {who} ({type(exc).__name__}: {first}). A job cannot "
+            f"go on without every rank; rerun it (finished checkpoints are resumed from the results folder). A hung "
+            f"rank is given up on after HESD_DIST_TIMEOUT={timeout} s")  # fmt: skip

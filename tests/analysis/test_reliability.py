@@ -12,21 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 import hesd
+from helpers import make_series
 from hesd.analysis.store import ResultFolderLockedError, ResultStore, SettingsMismatchError
 from hesd.interfaces.cli import app
-from hesd.models import DigitsMLP, load_digits_tensors
+from hesd.models import DigitsMLP
 
 FAST = hesd.AnalysisSettings(num_steps=5, num_probes=1, refine_extremes=False)
 
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    for e in range(2):
-        torch.manual_seed(e)
-        torch.save(DigitsMLP().state_dict(), d / f"epoch_{e + 1}.pt")
-    X, y, Xh, yh = load_digits_tensors()
-    return d, (X[:200], y[:200]), (Xh[:200], yh[:200])
+    return make_series(tmp_path_factory.mktemp("ckpts"), 2)
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):

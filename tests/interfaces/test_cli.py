@@ -267,3 +267,18 @@ def test_a_memory_budget_no_plan_fits_stops_before_any_checkpoint(project, tmp_p
     assert res.exit_code == 2, res.output
     assert "no plan fits" in res.output and "analysed parameters" in res.output and "--max-memory" in res.output
     assert not (out / "rows").exists() or not any((out / "rows").iterdir())
+
+
+def test_printed_summary_names_each_checkpoint_and_covers_the_whole_folder(project, tmp_path):
+    """The summary had no name column; with --no-report a second invocation's tables held only its own rows."""
+    out = tmp_path / "two"
+    ck = project / "ckpts"
+    first = _analyze(project, out, "--no-landscape", "--no-report", checkpoints=[str(ck / "epoch_002.pt")])
+    assert first.exit_code == 0, first.output
+    res = _analyze(project, out, "--no-landscape", "--no-report", checkpoints=[str(ck / "epoch_003.pt")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    header = next(line for line in lines if "lambda_max" in line)
+    assert header.split()[:2] == ["name", "epoch"]
+    assert any(line.split()[:1] == ["epoch_002.pt"] for line in lines)  # the earlier invocation's row too
+    assert len(pd.read_csv(out / "results.csv")) == 2

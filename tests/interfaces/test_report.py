@@ -87,12 +87,16 @@ def test_hostile_strings_in_stored_rows_are_escaped(results, tmp_path):
     shutil.copytree(results, copy)
     rows = sorted((copy / "rows").glob("*.json"))
     row = json.loads(rows[0].read_text())
-    for key in ("hesd_type", "name", "qs_reason"):
+    for key in ("name", "qs_reason", "type_reason"):  # free text; hesd_type is checked on reading
         row[key] = HOSTILE
+    row["hesd_type"], row["qs_flag"] = "undetermined", True  # so both reasons reach the page, as tooltips
     rows[0].write_text(json.dumps(row))
     failed = json.loads(rows[1].read_text())
-    failed.update(status="failed", error=HOSTILE, name=HOSTILE)
+    failed.update(status="failed", error=HOSTILE, name=HOSTILE, checkpoint=f"/x/{HOSTILE}/epoch_9.pt")
     rows[1].write_text(json.dumps(failed))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["settings"]["analysis"]["params"] = [HOSTILE]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(copy, title=HOSTILE)
     soup = BeautifulSoup(page.read_text(), "html.parser")
     assert not soup.find_all("script")
@@ -100,6 +104,8 @@ def test_hostile_strings_in_stored_rows_are_escaped(results, tmp_path):
         assert not [a for a in tag.attrs if a.lower().startswith("on")], tag
     assert all(img["src"].startswith("data:image/png") for img in soup.find_all("img"))
     assert HOSTILE in soup.get_text()  # shown as text
+    assert soup.find("td", class_="undetermined")["title"] == HOSTILE  # attribute values escaped too
+    assert any(HOSTILE in td.get_text() for td in soup.select("table.settings td"))
     if shutil.which("chromium") is None:
         if os.environ.get("HESD_REQUIRE_CHROMIUM"):
             pytest.fail("HESD_REQUIRE_CHROMIUM is set but chromium is not on PATH")
@@ -113,3 +119,17 @@ def test_hostile_strings_in_stored_rows_are_escaped(results, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     title = BeautifulSoup(proc.stdout, "html.parser").title.string
     assert title == HOSTILE  # an executed onerror handler would have set it to 'PWNED'
+
+
+def test_report_names_the_run_shows_the_trace_with_its_error_and_the_settings_as_a_table(results):
+    """#19: series named after their run (the checkpoints' folder), the SLQ trace never bare, settings readable."""
+    soup = BeautifulSoup(build_report(results).read_text(), "html.parser")
+    assert soup.find("h2", string="Series: ckpts")  # the run's folder, not the results folder ("run")
+    table = soup.find("table", class_="results")
+    assert "trace ± se" in [th.get_text() for th in table.find_all("th")]
+    traces = [tr.find_all("td")[5].get_text() for tr in table.find_all("tr")[1:]]
+    assert all(" ± " in t for t in traces), traces
+    settings = {tr.find_all("td")[0].get_text(): tr.find_all("td")[1].get_text()
+                for tr in soup.select("table.settings tr")}  # fmt: skip
+    assert settings["analysis.num_steps"] == "15" and settings["analysis.num_probes"] == "2"
+    assert "inputs.data" in settings and not soup.find("pre")  # no JSON dump

@@ -159,3 +159,21 @@ def test_a_missing_extra_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'hesd\[transformers\]'"):
         require("peft")
+
+
+def test_each_folder_is_loaded_once(run, monkeypatch):
+    """The up-front check loads the first folder; the series uses that model instead of loading it again."""
+    import hesd.analysis.series as series
+
+    _, trainer_dir = run
+    folders = sorted(trainer_dir.glob("checkpoint-*"))
+    calls = []
+
+    def counting(path, *a, **kw):
+        calls.append(str(path))
+        return load_hf_checkpoint(path, *a, **kw)
+
+    monkeypatch.setattr(series, "load_hf_checkpoint", counting)
+    data = lm_batches(byte_tokenizer(), ["def g(y):\n    return y * 2\n"], max_length=32)
+    res = hesd.analyze_checkpoints(None, folders, data, loss_fn=None, settings=FAST)
+    assert (res.table["status"] == "ok").all() and sorted(calls) == sorted(map(str, folders))

@@ -8,6 +8,7 @@ from .recorder import SeriesRecorder
 from .rows import COLUMNS, VIEWS, Column, RowIdentity, build_table, records
 from .selection import (
     BestHeldout,
+    ExtremeOf,
     HighestCtAmongMP,
     QSRule,
     Selection,
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointJob",
     "Column",
     "Criteria",
+    "ExtremeOf",
     "HighestCtAmongMP",
     "QSRule",
     "ResultStore",

@@ -20,6 +20,12 @@ Edge cases (per probe, documented choices):
 * no positive Ritz value: :math:`C_t = -\infty` and :math:`K_{h,n} = +\infty` (MN);
   :math:`r_e` keeps its literal value :math:`|\min\lambda/\max\lambda|` (:math:`+\infty` when
   :math:`\max\lambda = 0`; 0 when every Ritz value is 0);
+* a spectrum no verdict can be read from is ``undetermined``, neither MP nor MN
+  (:func:`undetermined_reason`): a Hessian that is numerically zero (a saturated or
+  constant loss: :math:`\max|\lambda|\,\|\theta\|^2` below ``zero_curvature``), or fewer
+  than :data:`MIN_STEPS` Lanczos steps (one or two Ritz values per probe show no negative
+  curvature, so :math:`C_t = 0` would read as MP). The selection rules on curvature skip
+  such checkpoints;
 * a probe whose Lanczos run broke down early (invariant Krylov space) is used as it is:
   its Ritz values are exact eigenvalues and its weights a valid quadrature;
 * the mean of per-probe :math:`C_t` is the reported :math:`C_t` (``aggregate="mean"``,
@@ -52,8 +58,12 @@ __all__ = [
     "criteria",
     "per_probe_criteria",
     "probe_summary",
+    "undetermined_reason",
     "zero_mass",
 ]
+
+#: fewer Lanczos steps than this (below the dimension) leave the HESD's type undetermined
+MIN_STEPS = 5
 
 
 def per_probe_criteria(values: np.ndarray, weights: np.ndarray, n: float = 0.5) -> tuple[float, float, float]:
@@ -90,6 +100,37 @@ def zero_mass(spectrum: Spectrum, band: float) -> float:
     return float(np.mean([w[np.abs(v) <= band].sum() for v, w in zip(spectrum.values, spectrum.weights, strict=True)]))
 
 
+def undetermined_reason(
+    lambda_min: float, lambda_max: float, param_norm: float, num_steps: int, dim: int, zero_curvature: float
+) -> str:
+    r"""Why no HESD type can be read from a spectrum, or ``""`` when one can (module notes).
+
+    Two cases, in this order:
+
+    * **numerically zero Hessian**: :math:`\max(|\lambda_{\min}|, |\lambda_{\max}|)\,\|\theta\|^2
+      < ` ``zero_curvature``. The left side is the second-order change of the loss over a step
+      as long as the parameters themselves along the steepest direction, in the loss's units and
+      independent of how the parameters are scaled; a saturated classifier (loss 0 in float32)
+      has about 1e-5, a trained one about 1 or more;
+    * **too few Lanczos steps**: ``num_steps < MIN_STEPS`` while the dimension is larger.
+
+    Examples:
+        >>> undetermined_reason(-0.2, 4.8, 16.6, 80, 3466, 1e-4)
+        ''
+        >>> undetermined_reason(-1e-10, 1e-8, 27.5, 80, 3466, 1e-4)[:33]
+        'the Hessian is numerically zero: '
+    """
+    scale = max(abs(lambda_min), abs(lambda_max)) * param_norm**2
+    if scale < zero_curvature:
+        return (f"the Hessian is numerically zero: max|λ|·‖θ‖² = {scale:.2g} < zero_curvature {zero_curvature:g} "
+                "(a saturated or constant loss), so neither MP nor MN")  # fmt: skip
+    if num_steps < min(MIN_STEPS, dim):
+        return (f"{num_steps} Lanczos step(s) give {num_steps} Ritz value(s) per probe, too few to show negative "
+                f"curvature (Ct would read 0, MP); use at least {MIN_STEPS} steps, 20 or more for stable "
+                "criteria")  # fmt: skip
+    return ""
+
+
 def _stats(x: np.ndarray) -> tuple[float, float, float]:
     x = np.asarray(x, dtype=np.float64)
     with np.errstate(invalid="ignore"):
@@ -112,6 +153,9 @@ class Criteria:
         lambda_min, lambda_max: extreme Ritz values over all probes.
         width: ``lambda_max − lambda_min``.
         zero_mass: share of spectral mass with ``|λ| ≤ zero_band · lambda_max`` (QS quantity).
+        neg_mass: share of spectral mass on negative Ritz values, :math:`\sum_{\lambda_i<0} w_i`
+            averaged over probes (what part of the spectrum is negative, where Ct and re read
+            only its edge).
         stable_step: :math:`2/\\lambda_{\\max}`, the largest stable step of plain gradient descent.
         eos_ratio: :math:`\\eta\\lambda_{\\max}/2` when the learning rate is given (> 1: past the edge of stability).
         num_probes, n, ct_threshold, zero_band: the settings used.
@@ -135,6 +179,7 @@ class Criteria:
     lambda_max: float
     width: float
     zero_mass: float
+    neg_mass: float
     stable_step: float
     eos_ratio: float | None
     num_probes: int
@@ -210,6 +255,7 @@ def criteria(
         hesd_type="MP" if decisive > ct_threshold else "MN",
         lambda_min=lmin, lambda_max=lmax, width=lmax - lmin,
         zero_mass=zero_mass(spectrum, zero_band * abs(lmax)) if lmax != 0 else 1.0,
+        neg_mass=float(np.mean([w[v < 0].sum() for v, w in zip(spectrum.values, spectrum.weights, strict=True)])),
         stable_step=2.0 / lmax if lmax > 0 else math.inf,
         eos_ratio=(lr * lmax / 2.0) if lr is not None else None,
         num_probes=spectrum.num_probes, n=float(n), ct_threshold=float(ct_threshold), zero_band=float(zero_band),

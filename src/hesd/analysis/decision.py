@@ -129,8 +129,10 @@ def decide(table: pd.DataFrame, selections: dict[str, dict[str, Any]], unit: str
         gap = gap_text(classic)
         warnings.append("every checkpoint is MN: choose on held-out data")
     else:
-        return Decision(None, "No checkpoint was analysed successfully: nothing to choose.", grades, flags,
-                        ["see the errors in the table"])  # fmt: skip
+        failed = int((table["status"] != "ok").sum()) if "status" in table else 0
+        why = classic.get("reason") or "no successfully analysed checkpoint to choose from"
+        return Decision(None, f"Nothing to choose: {why}.", grades, flags,
+                        [f"{failed} checkpoint(s) failed: see the errors in the table"] if failed else [])  # fmt: skip
     sentence += f"; {gap}." if gap else "."
     if not best.get("checkpoint"):
         warnings.append("no held-out data: the picks cannot be checked against generalisation (pass --heldout)")
@@ -140,6 +142,10 @@ def decide(table: pd.DataFrame, selections: dict[str, dict[str, Any]], unit: str
         warnings.append(f"the paper's rule and smallest λmax disagree ({name(paper)} vs {name(classic)})")
     for rule, notes in flags.items():
         warnings.extend(f"the {'paper' if rule == 'highest_ct_mp' else 'λmax'} pick is {n}" for n in notes)
+    undetermined = table[table["hesd_type"] == "undetermined"] if "hesd_type" in table else table.iloc[:0]
+    if len(undetermined):
+        warnings.append(f"{len(undetermined)} checkpoint(s) have an undetermined HESD type and were not candidates "
+                        f"of the curvature rules: {undetermined['type_reason'].iloc[0]}")  # fmt: skip
     if grades.get("highest_ct_mp") == "poor":
         warnings.append("the paper's pick is far from the best held-out checkpoint: prefer the held-out pick here")
     return Decision(keep, sentence, grades, flags, warnings)

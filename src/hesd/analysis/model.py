@@ -23,7 +23,8 @@ from ..operators.forward import model_state
 from ..operators.loss import PairLoss
 from ..operators.model_loss import loss_contract, mean_loss
 from ..operators.sharded import ShardedOperator
-from .criteria import compare_criteria, criteria, probe_summary
+from .baselines import random_sharpness
+from .criteria import compare_criteria, criteria, probe_summary, undetermined_reason
 from .memory_plan import LANCZOS_VECTORS, available_memory, plan_for_settings
 from .settings import AnalysisSettings
 
@@ -117,8 +118,8 @@ def analyze_model(
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
     op_kw: dict[str, Any] = {"hvp_method": s.hvp_method}
     plan = None
+    data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read more than once
     if s.max_memory is not None or _tight(s, layout):
-        data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read twice
         plan = plan_for_settings(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
         slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
     basis_kw = dict(slq_kw)
@@ -141,6 +142,11 @@ def analyze_model(
         if s.lr is not None:
             row["eos_ratio"] = s.lr * hi / 2
     dim = spec.dim if spec.dim is not None else op.shape[0]
+    row["param_norm"] = float(torch.linalg.vector_norm(op.layout.vector().double()))
+    row["type_reason"] = undetermined_reason(row["lambda_min"], row["lambda_max"], row["param_norm"], s.num_steps,
+                                             dim, s.zero_curvature) or None  # fmt: skip
+    if row["type_reason"]:
+        row["hesd_type"] = "undetermined"
     per_probe_trace = [dim * float(np.sum(w * v)) for v, w in zip(spec.values, spec.weights, strict=True)]
     row["trace"] = float(np.mean(per_probe_trace))
     row["trace_se"] = float(np.std(per_probe_trace, ddof=1) / math.sqrt(len(per_probe_trace))) \
@@ -149,6 +155,10 @@ def analyze_model(
     row["grad_norm"] = float(torch.linalg.vector_norm(op.gradient()))
     row["num_params"] = op.shape[0]
     row["num_samples"] = op.num_samples
+    row["sharpness_random"] = math.nan  # data parallel: each rank holds a shard, and the loss is local
+    if s.sharpness_draws and process_group is None:
+        row["sharpness_random"] = random_sharpness(model, loss_fn, data, draws=s.sharpness_draws, seed=s.seed,
+                                                   params=names, model_mode=s.model_mode)  # fmt: skip
     metrics: dict[str, float] = {}
     if evaluate is not None:
         metrics = {f"heldout_{k}" if not k.startswith("heldout_") else k: float(v) for k, v in evaluate(model).items()}

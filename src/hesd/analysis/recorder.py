@@ -21,16 +21,12 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from .rows import build_table, records
+from .rows import build_table, records, series_order
 from .selection import SelectionRule
 from .settings import AnalysisSettings
 from .store import ResultStore
 
 __all__ = ["SeriesRecorder"]
-
-
-def _epoch_order(row: dict) -> tuple:
-    return (row.get("epoch") is None, row.get("epoch") or 0)
 
 
 class SeriesRecorder:
@@ -40,9 +36,12 @@ class SeriesRecorder:
         settings: the analysis settings (for QS flags and the default rules).
         store: the results folder's store, or ``None`` to keep rows in memory.
         rules: selection rules (default: :func:`hesd.analysis.default_rules`).
-        order: ``"epoch"`` sorts rows by epoch (a training run's analyses); ``"arrival"`` keeps
-            the order they were recorded in (a checkpoint series, already in series order).
-        rows: rows recorded earlier (a resumed series), keyed by checkpoint identity.
+        order: ``"epoch"`` sorts rows by epoch, then name (:func:`~hesd.analysis.rows.series_order`:
+            a training run's analyses, a results folder written by several invocations);
+            ``"arrival"`` keeps the order they were recorded in.
+        rows: rows recorded earlier (the folder's stored rows), keyed by checkpoint identity; they
+            are part of every table and pick, so ``results.csv`` and ``selection.json`` always
+            cover the whole folder.
     """
 
     def __init__(
@@ -72,7 +71,7 @@ class SeriesRecorder:
     def rows(self) -> list[dict]:
         """The rows, in series order."""
         rows = list(self._rows.values())
-        return sorted(rows, key=_epoch_order) if self.order == "epoch" else rows
+        return sorted(rows, key=series_order) if self.order == "epoch" else rows
 
     def build(self):
         """``(table, selections, spectra)`` of the rows so far (:func:`hesd.analysis.rows.build_table`)."""

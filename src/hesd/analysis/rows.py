@@ -25,7 +25,18 @@ from ..algorithms.spectrum import Spectrum
 from .selection import SelectionRule, default_rules, select_all
 from .settings import AnalysisSettings
 
-__all__ = ["COLUMNS", "TABLE_COLUMNS", "TEXT_COLUMNS", "VIEWS", "Column", "RowIdentity", "build_table", "records"]
+__all__ = [
+    "COLUMNS",
+    "TABLE_COLUMNS",
+    "TEXT_COLUMNS",
+    "VIEWS",
+    "Column",
+    "RowIdentity",
+    "build_table",
+    "check_row",
+    "records",
+    "series_order",
+]
 
 
 @dataclass(frozen=True)
@@ -60,16 +71,21 @@ COLUMNS: tuple[Column, ...] = (
     Column("kh05_std", "spread of kh05 over probes"),
     Column("ct", "min(λ_neg) / max(λ_pos), mean over probes (equals −re when both signs occur)"),
     Column("ct_std", "spread of ct over probes"),
-    Column("hesd_type", "MP (Ct above the threshold: curvature analysis applies) or MN", True),
+    Column("hesd_type", "MP (Ct above the threshold: curvature analysis applies), MN, or undetermined", True),
+    Column("type_reason", "why the type is undetermined (a numerically zero Hessian, too few steps)", True),
     Column("qs_flag", "quasi-singular: eigenvalues collapsed toward zero (hesd.QSRule)"),
     Column("qs_lambda_ratio", "λmax over its running peak"),
     Column("qs_width_ratio", "spectral width over its running peak"),
     Column("qs_zero_mass", "share of spectral mass near zero"),
     Column("width", "λmax − λmin"),
+    Column("neg_mass", "share of spectral mass on negative Ritz values"),
     Column("stable_step", "2 / λmax"),
     Column("eos_ratio", "η·λmax/2 (edge of stability at 1), with the learning rate given"),
     Column("train_loss", "loss over the analysis data"),
     Column("grad_norm", "norm of its gradient"),
+    Column("param_norm", "norm of the analysed parameters"),
+    Column("dist_init", "distance of the analysed parameters from the series' initial checkpoint"),
+    Column("sharpness_random", "mean loss rise under random perturbations of 5 % of each parameter"),
     Column("heldout_loss", "loss on the held-out data"),
     Column("heldout_accuracy", "accuracy on the held-out data (classification)"),
     Column("hvps", "Hessian-vector products used"),
@@ -89,7 +105,7 @@ _COSTS = ("train_loss", "hvps", "seconds")
 #: named subsets of the columns that interfaces show
 VIEWS: dict[str, tuple[str, ...]] = {
     # ``hesd analyze``'s printed table
-    "summary": ("epoch", *HEADLINE, "qs_flag", "heldout_accuracy", "status"),
+    "summary": ("name", "epoch", *HEADLINE, "qs_flag", "heldout_accuracy", "status"),
     # ``hesd spectrum``'s printed summary
     "spectrum": ("lambda_min", "lambda_max", "trace", "trace_se", *HEADLINE[3:], "train_loss", "hvps"),
     # the demo's printed table (no trace: the demo's SLQ is short)
@@ -103,6 +119,56 @@ VIEWS: dict[str, tuple[str, ...]] = {
 }
 
 _NOT_IN_TABLE = ("spectrum", "heldout_spectrum", "per_probe")
+
+
+#: the values ``hesd_type`` may hold (``undetermined``: a spectrum no verdict can be read from)
+HESD_TYPES: tuple[str, ...] = ("MP", "MN", "undetermined")
+
+_COLUMN_BY_NAME = {c.name: c for c in COLUMNS}
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_row(row: Any) -> str:
+    """What is wrong with a row read back from a results folder ("" when nothing).
+
+    Rows are shared between people with their folders, and their values reach the report and
+    the selection rules: each known column must hold its kind of value (text or a number),
+    ``status`` and ``hesd_type`` one of their values, and every other key plain JSON.
+
+    Examples:
+        >>> check_row({"checkpoint": "a.pt", "status": "ok", "hesd_type": "MP", "ct": -0.1})
+        ''
+        >>> check_row({"checkpoint": "a.pt", "status": "ok", "hesd_type": "<script>"})
+        "hesd_type is '<script>', not one of MP, MN, undetermined"
+    """
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    if not isinstance(row.get("checkpoint"), str):
+        return "no checkpoint path"
+    if row.get("status") not in ("ok", "failed"):
+        return f"status is {str(row.get('status'))[:40]!r}, not 'ok' or 'failed'"
+    if row.get("hesd_type") not in (*HESD_TYPES, None):
+        return f"hesd_type is {str(row['hesd_type'])[:40]!r}, not one of {', '.join(HESD_TYPES)}"
+    for key, value in row.items():
+        col = _COLUMN_BY_NAME.get(key)
+        if col is not None and value is not None:
+            ok = isinstance(value, str) if col.text else isinstance(value, (int, float, bool))
+            if not ok:
+                kind = "text" if col.text else "a number"
+                return f"{key} holds {type(value).__name__} {str(value)[:40]!r}, not {kind}"
+        elif col is None and not isinstance(value, (*_JSON_SCALARS, list, dict)):
+            return f"{key} holds {type(value).__name__}"  # pragma: no cover - json.loads makes only these
+    return ""
+
+
+def series_order(row: dict) -> tuple:
+    """The sort key of a row in its series: by epoch (or step), rows without one last, then by name.
+
+    The one order of every table and report built from a results folder, whichever invocation
+    wrote which row.
+    """
+    e = row.get("epoch")
+    return (e is None, e if e is not None else 0, str(row.get("name", "")))
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ import pandas as pd
 from ..algorithms.spectrum import Spectrum
 from ..errors import HesdTypeError, HesdValueError
 from .criteria import zero_mass
+from .evidence import reliability
 
 __all__ = [
     "BestHeldout",
+    "ExtremeOf",
     "HighestCtAmongMP",
     "QSRule",
     "Selection",
@@ -103,6 +105,8 @@ class SelectionRule:
     """Base class: ``select(table) -> Selection`` on an analysis results table."""
 
     name = "rule"
+    #: whether the rule reads curvature (it then skips checkpoints whose HESD type is undetermined)
+    uses_curvature = True
 
     def __init__(self, skip_initial: bool = True) -> None:
         if not isinstance(skip_initial, bool):
@@ -117,6 +121,8 @@ class SelectionRule:
         that column (stored by hesd before 0.3) fall back to ``epoch == 0``.
         """
         t = table[table["status"] == "ok"] if "status" in table else table
+        if self.uses_curvature and "hesd_type" in t:
+            t = t[t["hesd_type"] != "undetermined"]
         if not self.skip_initial:
             return t
         if "initial" in t and t["initial"].notna().any():
@@ -124,6 +130,19 @@ class SelectionRule:
         if "epoch" in t:
             t = t[~(t["epoch"] == 0)]
         return t
+
+    def nothing_to_choose(self, table: pd.DataFrame) -> str:
+        """Why :meth:`candidates` is empty, in words: no analysed row, only the initialisation, undetermined types."""
+        ok = table[table["status"] == "ok"] if "status" in table else table
+        if ok.empty:
+            return "no successfully analysed checkpoint to choose from"
+        trained = _NoTypeCheck(self.skip_initial).candidates(ok)
+        if trained.empty:
+            names = ", ".join(str(n) for n in ok["name"]) if "name" in ok else "epoch 0"
+            return (f"only the initialisation ({names}) was analysed, and the rules skip it on purpose: it is not a "
+                    "trained checkpoint (SelectionRule(skip_initial=False) includes it)")  # fmt: skip
+        reasons = trained["type_reason"].dropna() if "type_reason" in trained else pd.Series(dtype=str)
+        return f"every analysed checkpoint's HESD type is undetermined ({reasons.iloc[0] if len(reasons) else '?'})"
 
     def select(self, table: pd.DataFrame) -> Selection:  # pragma: no cover - abstract
         """The rule's pick from ``table`` and the reason for it."""
@@ -161,7 +180,7 @@ class HighestCtAmongMP(SelectionRule):
         """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
         if t.empty:
-            return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
+            return Selection(self.name, None, None, self.nothing_to_choose(table))
         mp = t[t["ct"] > self.ct_threshold]
         if self.exclude_qs and "qs_flag" in mp:
             mp = mp[~mp["qs_flag"].astype(bool)]
@@ -187,9 +206,58 @@ class SmallestLambdaMax(SelectionRule):
         """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
         if t.empty:
-            return Selection(self.name, None, None, "no successfully analysed checkpoint to choose from")
+            return Selection(self.name, None, None, self.nothing_to_choose(table))
         row = t.iloc[int(np.argmin(t["lambda_max"].to_numpy(dtype=float)))]
         return self._pick(self.name, row, f"smallest λmax = {row['lambda_max']:.5g} of {len(t)} checkpoints")
+
+
+class ExtremeOf(SelectionRule):
+    """The checkpoint with the smallest (or largest) value of one measure — a column of the table.
+
+    The model-zoo study (docs/evidence.md) scores such rules by their regret. The best it found on
+    its tuning half (largest parameter norm) did no better than keeping the last checkpoint, so
+    none is a default rule; pass one in ``rules=`` to select on a measure and see its pick beside
+    the others.
+
+    Args:
+        column: the table's column (``"lambda_max"``, ``"trace"``, ``"neg_mass"``, …).
+        mode: ``"min"`` or ``"max"``.
+        curvature: whether the column is a curvature measure (then undetermined HESDs are skipped).
+        skip_initial: skip the initialisation.
+
+    Examples:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"checkpoint": ["a", "b"], "epoch": [1, 2], "status": ["ok", "ok"],
+        ...                   "trace": [5.0, 3.0]})
+        >>> ExtremeOf("trace").select(t).checkpoint, ExtremeOf("trace").name
+        ('b', 'smallest_trace')
+    """
+
+    def __init__(self, column: str, mode: str = "min", curvature: bool = True, skip_initial: bool = True) -> None:
+        super().__init__(skip_initial)
+        if mode not in ("min", "max"):
+            raise HesdValueError(f"ExtremeOf: mode must be 'min' or 'max', got {mode!r}")
+        self.column, self.mode, self.uses_curvature = column, mode, curvature
+        self.name = f"{'smallest' if mode == 'min' else 'largest'}_{column}"
+
+    def select(self, table: pd.DataFrame) -> Selection:
+        """The rule's pick from ``table`` and the reason for it."""
+        t = self.candidates(table)
+        if t.empty:
+            return Selection(self.name, None, None, self.nothing_to_choose(table))
+        if self.column not in t or t[self.column].isna().all():
+            return Selection(self.name, None, None, f"no {self.column} recorded")
+        t = t[t[self.column].notna()]
+        vals = t[self.column].to_numpy(dtype=float)
+        row = t.iloc[int(np.argmin(vals) if self.mode == "min" else np.argmax(vals))]
+        word = "smallest" if self.mode == "min" else "largest"
+        return self._pick(self.name, row, f"{word} {self.column} = {row[self.column]:.5g} of {len(t)} checkpoints")
+
+
+class _NoTypeCheck(SelectionRule):
+    """The base candidates without the type filter (to say why a curvature rule had none)."""
+
+    uses_curvature = False
 
 
 class BestHeldout(SelectionRule):
@@ -201,6 +269,7 @@ class BestHeldout(SelectionRule):
     """
 
     name = "best_heldout"
+    uses_curvature = False
 
     def __init__(self, metric: str | None = None, mode: str | None = None, skip_initial: bool = True) -> None:
         super().__init__(skip_initial)
@@ -218,6 +287,8 @@ class BestHeldout(SelectionRule):
     def select(self, table: pd.DataFrame) -> Selection:
         """The rule's pick from ``table`` and the reason for it."""
         t = self.candidates(table)
+        if t.empty:
+            return Selection(self.name, None, None, self.nothing_to_choose(table))
         metric, mode = self._metric(t)
         if metric not in t or t[metric].isna().all():
             return Selection(self.name, None, None, f"no {metric} recorded (pass held-out data)")
@@ -253,8 +324,12 @@ def select_all(table: pd.DataFrame, rules: Sequence[SelectionRule]) -> dict[str,
             break
     for rule in rules:
         sel = rule.select(table)
+        note = _skipped_note(rule, ok) if sel.checkpoint else ""  # an empty pick's reason says it already
         entry: dict[str, Any] = {"rule": sel.rule, "checkpoint": sel.checkpoint, "epoch": sel.epoch,
-                                 "reason": sel.reason + _skipped_note(rule, ok)}  # fmt: skip
+                                 "reason": sel.reason + note}  # fmt: skip
+        measured = reliability(sel.rule)
+        if measured is not None:  # how much weight such a pick deserved in the zoo study
+            entry["reliability"] = measured
         if best is not None and metric is not None and sel.checkpoint is not None:
             value = float(table.loc[table["checkpoint"] == sel.checkpoint, metric].iloc[0])
             entry[metric] = value

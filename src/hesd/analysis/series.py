@@ -20,10 +20,13 @@ from torch import nn
 
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
+from ..checks import check_device
 from ..collectives import broadcast, consensus, rank_and_world, resolve_group
 from ..errors import CheckpointError, HesdError, HesdTypeError, HesdValueError
 from ..operators.data import as_reiterable
+from .baselines import distance
 from .checkpoints import CheckpointInfo, apply_state_dict, discover_checkpoints, load_state_dict, sha256_file
+from .cost import estimate_cost, say_cost
 from .fingerprint import inputs_fingerprint
 from .hf_checkpoints import load_hf_checkpoint
 from .memory_plan import plan_for_settings
@@ -102,7 +105,9 @@ def analyze_checkpoints(
             models, dict batches), as for :class:`hesd.HessianOperator`.
         heldout: held-out data: loss and accuracy are recorded per checkpoint.
         evaluate: ``evaluate(model) -> {"accuracy": ..., ...}`` instead of the default held-out evaluation.
-        out_dir: results folder (durable, resumable); ``None`` keeps everything in memory.
+        out_dir: results folder (durable, resumable); ``None`` keeps everything in memory. The
+            folder is one series: the returned table, its tables and its picks cover every
+            checkpoint it holds, those an earlier invocation analysed included.
         settings: :class:`AnalysisSettings`.
         rules: selection rules (default: highest Ct among MP, smallest λmax, held-out oracle).
         epochs: explicit epochs, one per checkpoint.
@@ -154,7 +159,7 @@ def analyze_checkpoints(
             )
         model = place(model_factory(), s)
     shards = rank_and_world(group)[1] if parallel == "data" else 1  # ranks splitting the Lanczos vectors
-    _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards)
+    first_folder = _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards)
     store, error = None, None
     if out_dir is not None and rank == 0:
         try:
@@ -173,31 +178,42 @@ def analyze_checkpoints(
         raise error
     try:
         return _run_series(infos, model, model_factory, data, loss_fn, heldout, evaluate, s, store, rules,
-                           trust_pickle, progress, group, parallel, out_dir)  # fmt: skip
+                           trust_pickle, progress, group, parallel, out_dir, first_folder)  # fmt: skip
     finally:
         if store is not None:
             store.close()
 
 
-def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards) -> None:
+def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, shards) -> tuple[str, Any] | None:
     """:func:`~hesd.analysis.model.check_inputs` on the first batch (every rank), before any checkpoint.
 
-    With ``max_memory``, the memory plan too (:func:`~hesd.analysis.memory_plan.plan_memory`).
+    With ``max_memory``, the memory plan too (:func:`~hesd.analysis.memory_plan.plan_memory`);
+    then the cost estimate (:mod:`hesd.analysis.cost`). Returns the Hugging Face folder loaded to
+    check (its path and model), so the series does not load it again.
     """
-    error = None
+    error, loaded = None, None
     try:
         probe = model
         if probe is None:  # Hugging Face folders only: the first one that loads (a corrupt one is its own row)
             for info in infos:
                 try:
                     probe = CheckpointJob.load_folder(info, model_factory, s)
+                    loaded = (str(info.path), probe)
                     break
                 except CHECKPOINT_ERRORS:
                     continue
         if probe is not None:
             check_inputs(probe, data, loss_fn, s.params, "analyze_checkpoints")
+            plan = None
             if s.max_memory is not None:  # a budget no plan fits stops the run here, not at every checkpoint
-                plan_for_settings(place(probe, s), loss_fn, data, s, shards=shards)
+                plan = plan_for_settings(place(probe, s), loss_fn, data, s, shards=shards)
+            try:  # a model no product works for fails at its checkpoints, with the reason, not here
+                estimate = estimate_cost(place(probe, s), loss_fn, data, s, len(infos), s.params,
+                                         plan.operator_kwargs() if plan is not None else None)  # fmt: skip
+            except Exception:
+                estimate = None
+            if estimate is not None and rank_and_world(group)[0] == 0:
+                say_cost(estimate)
     except HesdValueError as exc:
         error = exc
     if group is not None:
@@ -206,19 +222,24 @@ def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, sha
             raise error if error is not None else HesdValueError(f"analyze_checkpoints: another rank: {msg}")
     elif error is not None:
         raise error
+    return loaded
 
 
 def _run_series(infos, model, model_factory, data, loss_fn, heldout, evaluate, s, store, rules, trust_pickle,
-                progress, group, parallel, out_dir) -> SeriesResult:  # fmt: skip
+                progress, group, parallel, out_dir, first_folder=None) -> SeriesResult:  # fmt: skip
     rank, world = rank_and_world(group)
     # Rank 0's stored rows decide what is resumed, identically on every rank.
     cached = broadcast({r["checkpoint"]: r for r in store.rows()} if store is not None else {}, group)
     if progress:
         progress("start", infos)
-    recorder = SeriesRecorder(s, store, rules=rules, order="arrival")
+    # The folder is the series: rows an earlier invocation stored for other checkpoints stay in the tables and picks.
+    ours = {str(info.path) for info in infos}
+    recorder = SeriesRecorder(s, store, rules=rules, order="epoch",
+                              rows=[r for c, r in cached.items() if c not in ours])  # fmt: skip
     split = parallel == "checkpoints" and group is not None
+    initial = _initial_state(infos, trust_pickle)
     job = CheckpointJob(model, data, loss_fn, heldout, evaluate, s, cached, trust_pickle, progress,
-                        None if split else group, model_factory)  # fmt: skip
+                        None if split else group, model_factory, first_folder, initial)  # fmt: skip
     step = world if split else 1
     for start in range(0, len(infos), step):
         chunk = infos[start : start + step]
@@ -236,6 +257,17 @@ def _run_series(infos, model, model_factory, data, loss_fn, heldout, evaluate, s
     return SeriesResult(table, selections, spectra, failed, Path(out_dir) if out_dir else None, s)
 
 
+def _initial_state(infos: list[CheckpointInfo], trust_pickle: bool) -> dict[str, torch.Tensor] | None:
+    """The series' initial checkpoint's weights (for ``dist_init``), or ``None`` (none, a folder, unreadable)."""
+    first = next((i for i in infos if i.initial and i.hf_kind is None), None)
+    if first is None:
+        return None
+    try:
+        return load_state_dict(first.path, trust_pickle=trust_pickle)
+    except CHECKPOINT_ERRORS:  # its own row says why
+        return None
+
+
 def place(model: Any, settings: AnalysisSettings) -> nn.Module:
     """``model`` checked, in the settings' dtype and on their device."""
     if not isinstance(model, nn.Module):
@@ -243,7 +275,7 @@ def place(model: Any, settings: AnalysisSettings) -> nn.Module:
     if settings.dtype is not None:
         model = model.to(getattr(torch, settings.dtype))
     if settings.device is not None:
-        model = model.to(settings.device)
+        model = model.to(check_device(settings.device, "device", "analyze_checkpoints"))
     return model
 
 
@@ -265,6 +297,9 @@ class CheckpointJob:
         group: the process group of a data-parallel analysis, or ``None``.
         model_factory: for Hugging Face folders, builds an adapter's base model (or overrides
             ``config.json``'s architecture).
+        preloaded: ``(path, model)`` of a Hugging Face folder already loaded (by the up-front
+            check), used once instead of loading it again.
+        initial: the series' initial weights; each row then records ``dist_init``.
     """
 
     model: nn.Module | None
@@ -278,6 +313,8 @@ class CheckpointJob:
     progress: Callable[[str, Any], None] | None = None
     group: Any = None
     model_factory: Callable[[], nn.Module] | None = None
+    preloaded: tuple[str, nn.Module] | None = None
+    initial: dict[str, torch.Tensor] | None = None
 
     def run(self, info: CheckpointInfo) -> tuple[dict, bool]:
         """Analyse the checkpoint ``info``; returns ``(row, new)`` (``new=False``: a stored row resumed)."""
@@ -316,6 +353,8 @@ class CheckpointJob:
                                               process_group=self.group)  # fmt: skip
                 if info.train_epoch is not None:
                     metrics["train_epoch"] = info.train_epoch
+                if self.initial is not None:
+                    metrics["dist_init"] = distance(model, self.initial, self.settings.params)
                 row = ident.ok(metrics, spec)
             except CHECKPOINT_ERRORS as exc:
                 row = ident.failed(f"{type(exc).__name__}: {exc}")
@@ -332,6 +371,9 @@ class CheckpointJob:
     def _load(self, info: CheckpointInfo) -> nn.Module:
         """The model with the checkpoint's weights: a HF folder builds its own, a file goes into ``model``."""
         if info.hf_kind is not None:
+            if self.preloaded is not None and self.preloaded[0] == str(info.path):
+                model, self.preloaded = self.preloaded[1], None
+                return model
             return self.load_folder(info, self.model_factory, self.settings)
         assert self.model is not None
         apply_state_dict(self.model, load_state_dict(info.path, trust_pickle=self.trust_pickle), info.path)

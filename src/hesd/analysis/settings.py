@@ -19,7 +19,12 @@ from typing import Any
 from ..errors import HesdValueError
 from .selection import QSRule
 
-__all__ = ["AnalysisSettings", "default_of"]
+__all__ = ["MAX_PROBES", "MAX_STEPS", "AnalysisSettings", "default_of"]
+
+#: the most SLQ probes a setting may ask for (SLQ's error falls as 1/√probes; 3–30 are typical)
+MAX_PROBES = 10_000
+#: the most Lanczos steps per probe a setting may ask for (the criteria read the extremes, settled in tens)
+MAX_STEPS = 10_000
 
 
 @dataclass
@@ -36,6 +41,9 @@ class AnalysisSettings:
         ct_threshold: MP/MN threshold on Ct.
         aggregate: ``"mean"`` or ``"pooled"`` Ct (see :func:`hesd.criteria`).
         zero_band: band (relative to λmax) for the per-checkpoint zero mass.
+        zero_curvature: below this max|λ|·‖θ‖² (loss units) the Hessian
+            counts as numerically zero and the HESD type is ``"undetermined"``
+            (:func:`hesd.analysis.criteria.undetermined_reason`).
         model_mode: ``"eval"`` or ``"train"`` (see :class:`hesd.HessianOperator`).
         refine_extremes: certify λmin and λmax with restarted Lanczos (``which="BE"``) to
             ``extreme_tol`` instead of reporting SLQ's extreme Ritz values.
@@ -58,6 +66,8 @@ class AnalysisSettings:
             (exact; finite differences only where no exact method runs), ``"graph"``,
             ``"double_backward"``, ``"func"`` or ``"finite_difference"`` (gradients only: models
             whose kernels have no second derivative, activation checkpointing).
+        sharpness_draws: perturbations of the random-direction sharpness
+            (:func:`hesd.analysis.baselines.random_sharpness`; 0: not computed; single process only).
         stop_tol: adaptive SLQ — stop each probe once λmin, λmax, re and Ct have settled to
             this tolerance (``num_steps`` becomes the cap); see :func:`hesd.slq`. KH05 then
             refers to a varying step count: leave ``None`` when KH05 matters.
@@ -72,6 +82,7 @@ class AnalysisSettings:
     ct_threshold: float = -0.6
     aggregate: str = "mean"
     zero_band: float = 0.01
+    zero_curvature: float = 1e-4
     model_mode: str = "eval"
     refine_extremes: bool = True
     extreme_tol: float = 1e-4
@@ -84,6 +95,7 @@ class AnalysisSettings:
     max_memory: int | None = None
     stop_tol: float | None = None
     hvp_method: str = "auto"
+    sharpness_draws: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.qs, dict):
@@ -92,6 +104,12 @@ class AnalysisSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise HesdValueError(f"AnalysisSettings: {name} must be a positive integer, got {v!r}")
+        for name, most, typical in (("num_probes", MAX_PROBES, "3–30"), ("num_steps", MAX_STEPS, "20–300")):
+            if getattr(self, name) > most:
+                raise HesdValueError(
+                    f"AnalysisSettings: {name}={getattr(self, name):,} is beyond hesd's limit of {most:,} "
+                    f"({typical} are typical; each costs Hessian-vector products over all the data)"
+                )
         if self.reorth not in ("full", "window", "none"):
             raise HesdValueError(f"AnalysisSettings: reorth must be 'full', 'window' or 'none', got {self.reorth!r}")
         if self.dtype not in (None, "float32", "float64"):
@@ -107,6 +125,16 @@ class AnalysisSettings:
         methods = ("auto", "graph", "double_backward", "func", "finite_difference")
         if self.hvp_method not in methods:
             raise HesdValueError(f"AnalysisSettings: hvp_method must be one of {methods}, got {self.hvp_method!r}")
+        if (
+            isinstance(self.sharpness_draws, bool)
+            or not isinstance(self.sharpness_draws, int)
+            or self.sharpness_draws < 0
+        ):
+            raise HesdValueError(
+                f"AnalysisSettings: sharpness_draws must be an integer ≥ 0, got {self.sharpness_draws!r}"
+            )
+        if not (isinstance(self.zero_curvature, (int, float)) and self.zero_curvature >= 0):
+            raise HesdValueError(f"AnalysisSettings: zero_curvature must be ≥ 0, got {self.zero_curvature!r}")
         if not self.ct_threshold <= 0:
             raise HesdValueError(f"AnalysisSettings: ct_threshold must be ≤ 0, got {self.ct_threshold}")
 

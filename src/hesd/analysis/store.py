@@ -36,8 +36,10 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import HesdError, HesdFileNotFoundError, HesdPermissionError
+from .rows import check_row
 
 __all__ = [
+    "ForeignFolderError",
     "ResultFolderLockedError",
     "ResultStore",
     "SettingsMismatchError",
@@ -53,6 +55,35 @@ class SettingsMismatchError(HesdError, ValueError):
 
 class ResultFolderLockedError(HesdError, RuntimeError):
     """Another process is writing to the results folder."""
+
+
+class ForeignFolderError(HesdError, ValueError):
+    """The folder holds files hesd did not write, or a damaged or foreign ``manifest.json`` or row."""
+
+
+#: what a results folder may hold before its manifest exists (a writer killed before writing it)
+_OWN_BEFORE_MANIFEST = frozenset({".hesd.lock", "rows"})
+
+
+_FIX_ROW = "Remove the file to recompute that checkpoint"
+_FIX_FOLDER = "Choose another output folder (--out), or remove the folder if it is yours"
+
+
+def read_json_file(path: Path, what: str, kind: type | None = dict, fix: str = _FIX_FOLDER) -> Any:
+    """``path`` parsed as JSON (of type ``kind``), or :class:`ForeignFolderError` naming the file and ``fix``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ForeignFolderError(
+            f"{what}: {path} is not a JSON file hesd wrote ({type(exc).__name__}: {exc}); it was damaged or replaced. "
+            f"{fix}"
+        ) from None
+    if kind is not None and not isinstance(value, kind):
+        raise ForeignFolderError(
+            f"{what}: {path} holds a JSON {type(value).__name__}, not the {kind.__name__} hesd writes; it was "
+            f"damaged or replaced. {fix}"
+        )
+    return value
 
 
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
@@ -155,6 +186,8 @@ class ResultStore:
     def __init__(self, root: str | Path, settings: dict, *, overwrite: bool = False, lock: bool = True) -> None:
         self.root = Path(root)
         self.rows_dir = self.root / "rows"
+        if lock and self.root.is_dir() and not (self.root / "manifest.json").exists():
+            self._refuse_foreign_files()  # before creating anything in it
         try:
             self.rows_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -172,7 +205,7 @@ class ResultStore:
         self.settings = _jsonable(settings)
         manifest = self.root / "manifest.json"
         if manifest.exists():
-            stored = json.loads(manifest.read_text())
+            stored = self._read_manifest(manifest)
             if _canonical(stored.get("settings", {})) != _canonical(self.settings):
                 if not overwrite:
                     diff = self._diff(stored.get("settings", {}), self.settings)
@@ -193,7 +226,32 @@ class ResultStore:
                     indent=2,
                 ),
             )  # fmt: skip
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = self._read_manifest(manifest)
+
+    def _refuse_foreign_files(self) -> None:
+        """Refuse a folder without a manifest that holds anything hesd did not put there."""
+        foreign = sorted(p.name for p in self.root.iterdir()
+                         if p.name not in _OWN_BEFORE_MANIFEST and not _TMP_RE.match(p.name))  # fmt: skip
+        if self.rows_dir.is_dir():
+            foreign += sorted(f"rows/{p.name}" for p in self.rows_dir.iterdir())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ForeignFolderError(
+                f"ResultStore: {self.root} already holds files hesd did not write ({shown}) and no hesd "
+                "manifest.json; hesd writes only into a new folder or one it created, so it would overwrite or "
+                "delete them. Choose another output folder (--out)"
+            )
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        """The folder's manifest, checked to be hesd's (``hesd_version`` and a ``settings`` object)."""
+        stored = read_json_file(path, "ResultStore")
+        if not isinstance(stored.get("hesd_version"), str) or not isinstance(stored.get("settings"), dict):
+            raise ForeignFolderError(
+                f"ResultStore: {path} is not a manifest hesd wrote (no hesd_version and settings); the folder "
+                "belongs to something else and hesd will not overwrite it. Choose another output folder (--out)"
+            )
+        return stored
 
     def _lock(self) -> Any:
         """Take the exclusive writer lock on ``.hesd.lock`` (POSIX; elsewhere no lock)."""
@@ -244,7 +302,7 @@ class ResultStore:
         manifest = Path(root) / "manifest.json"
         if not manifest.exists():
             raise HesdFileNotFoundError(f"ResultStore: {root} holds no hesd results (no manifest.json)")
-        return cls(root, json.loads(manifest.read_text())["settings"], lock=False)
+        return cls(root, cls._read_manifest(manifest)["settings"], lock=False)
 
     @staticmethod
     def key_for(identity: str) -> str:
@@ -259,15 +317,25 @@ class ResultStore:
         p = self._row_path(key)
         if not p.exists():
             return None
-        return json.loads(p.read_text())
+        return self._read_row(p)
 
     def put(self, key: str, row: dict) -> None:
         """Store ``row`` under ``key`` atomically."""
         atomic_write_text(self._row_path(key), json.dumps(_jsonable(row), allow_nan=True))
 
     def rows(self) -> list[dict]:
-        """All stored rows (any order)."""
-        return [json.loads(p.read_text()) for p in sorted(self.rows_dir.glob("*.json"))]
+        """All stored rows (any order), each checked (:func:`~hesd.analysis.rows.check_row`)."""
+        return [self._read_row(p) for p in sorted(self.rows_dir.glob("*.json"))]
+
+    @staticmethod
+    def _read_row(path: Path) -> dict:
+        row = read_json_file(path, "ResultStore", fix=_FIX_ROW)
+        problem = check_row(row)
+        if problem:
+            raise ForeignFolderError(
+                f"ResultStore: {path} is not a row hesd wrote ({problem}); it was damaged or edited. {_FIX_ROW}"
+            )
+        return row
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write a JSON side file (e.g. ``selection.json``) atomically."""

@@ -16,6 +16,7 @@ from .._version import __version__
 from ..analysis.checkpoints import discover_checkpoints
 from ..analysis.series import analyze_checkpoints
 from ..analysis.settings import AnalysisSettings, default_of
+from ..checks import check_device
 from ..errors import HesdError
 from .cli_spectrum import spectrum
 from .cli_support import (
@@ -24,6 +25,7 @@ from .cli_support import (
     HVP_HELP,
     emit_json,
     fail,
+    fail_collective,
     init_distributed,
     parse_bytes,
     pick,
@@ -255,6 +257,8 @@ def analyze(
             max_memory=parse_bytes(pick(max_memory, cfg, "max_memory", None)),
             hvp_method=pick(hvp_method, cfg, "hvp_method", default_of("hvp_method")),
         )
+        if settings.device is not None:  # before loading anything
+            check_device(settings.device, "--device", "hesd analyze")
         model_factory = load_object(model, "--model") if model else None
         loss_fn: Any = load_object(loss, "--loss") if loss else (None if hf else torch.nn.functional.cross_entropy)
         text: dict[str, Any] = dict(
@@ -286,6 +290,8 @@ def analyze(
         progress.close()
     except (HesdError, FileNotFoundError, PermissionError, ValueError) as exc:
         fail(str(exc))
+    except RuntimeError as exc:  # a collective broken by a rank that died or hung: name it
+        fail_collective(exc)
     ok = res.table["status"] == "ok"
     if rank != 0:  # only rank 0 writes the landscape and the report, and prints
         raise typer.Exit(EXIT_PARTIAL if res.failed else EXIT_OK)
@@ -323,7 +329,7 @@ def report(
 
     try:
         path = build_report(directory, out)
-    except (FileNotFoundError, PermissionError) as exc:
+    except (HesdError, FileNotFoundError, PermissionError) as exc:
         fail(str(exc))
     if as_json:
         emit_json({"report": str(path)})

@@ -11,8 +11,9 @@ from ..analysis.checkpoints import apply_state_dict, load_state_dict
 from ..analysis.model import analyze_model
 from ..analysis.rows import VIEWS
 from ..analysis.settings import AnalysisSettings, default_of
+from ..checks import check_device
 from ..errors import HesdError
-from .cli_support import EXIT_OK, HVP_HELP, emit_json, fail, init_distributed, write_density_plot
+from .cli_support import EXIT_OK, HVP_HELP, emit_json, fail, fail_collective, init_distributed, write_density_plot
 
 __all__ = ["spectrum"]
 
@@ -47,6 +48,8 @@ def spectrum(
     if plot is not None and (plot.suffix.lower() not in (".png", ".svg", ".pdf") or not plot.parent.is_dir()):
         fail(f"--plot {plot}: give a .png, .svg or .pdf path in an existing folder (checked before any work)")
     try:
+        if device:
+            check_device(device, "--device", "hesd spectrum")
         factory = load_object(model, "--model")
         net = call_factory(factory, "--model", model)
         if device:
@@ -66,10 +69,12 @@ def spectrum(
             raise typer.Exit(EXIT_OK)
     except (HesdError, ValueError) as exc:
         fail(str(exc))
+    except RuntimeError as exc:  # a collective broken by a rank that died or hung: name it
+        fail_collective(exc)
     if plot is not None:
         write_density_plot(plot, spec, f"{checkpoint.name}: {row['hesd_type']}-HESD, Ct = {row['ct']:.3f}")
     keys = VIEWS["spectrum"]
-    summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint)}
+    summary = {k: row[k] for k in keys} | {"checkpoint": str(checkpoint), "type_reason": row["type_reason"]}
     if as_json:
         emit_json(summary | {"spectrum": spec.to_dict()})
     elif quiet:
@@ -78,8 +83,11 @@ def spectrum(
         for k in keys:
             v = row[k]
             typer.echo(f"{k:>12}: {v:.6g}" if isinstance(v, float) else f"{k:>12}: {v}")
-        verdict = "curvature analysis applies" if row["hesd_type"] == "MP" else "curvature analysis does NOT apply"
-        typer.echo(f"\n{row['hesd_type']}-HESD (Ct {row['ct']:.3f} vs threshold {ct_threshold}): {verdict}\n")
+        if row["hesd_type"] == "undetermined":
+            typer.echo(f"\nHESD type undetermined: {row['type_reason']}\n")
+        else:
+            verdict = "curvature analysis applies" if row["hesd_type"] == "MP" else "curvature analysis does NOT apply"
+            typer.echo(f"\n{row['hesd_type']}-HESD (Ct {row['ct']:.3f} vs threshold {ct_threshold}): {verdict}\n")
         typer.echo(text_histogram(spec))
         if plot is not None:
             typer.echo(f"\nplot: {plot}")

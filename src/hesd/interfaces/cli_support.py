@@ -28,6 +28,7 @@ __all__ = [
     "HVP_HELP",
     "emit_json",
     "fail",
+    "fail_collective",
     "init_distributed",
     "parse_bytes",
     "pick",
@@ -194,7 +195,23 @@ def init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
         # destroyed mid-flight ("terminate called without an active exception"), seen once in
         # tests/test_distributed.py::test_cli_under_torchrun.
         atexit.register(destroy_group)
+    from ..distributed import note_peers
+
+    note_peers(dist.group.WORLD)  # so a rank that dies or hangs can be named (explain_failure)
     return dist.group.WORLD, dist.get_rank()
+
+
+def fail_collective(exc: RuntimeError) -> None:
+    """Exit 1 with :func:`hesd.distributed.explain_failure`'s message when ``exc`` is a collective a rank broke.
+
+    Any other ``RuntimeError`` is raised again (a traceback: a bug to report).
+    """
+    from ..distributed import explain_failure
+
+    message = explain_failure(exc)
+    if message is None:
+        raise exc
+    fail(message, code=EXIT_PARTIAL)
 
 
 def destroy_group() -> None:
@@ -211,7 +228,11 @@ def print_summary(table, selections) -> None:
         # no accuracy (a language model, a regression): show the held-out loss instead, or nothing
         cols = [("heldout_loss" if c == "heldout_accuracy" else c) for c in cols if c != "heldout_accuracy"
                 or ("heldout_loss" in table and table["heldout_loss"].notna().any())]  # fmt: skip
-    shown = table[cols]
+    shown = table[cols].copy()
+    if "trace" in shown and "trace_se" in table and table["trace_se"].notna().any():  # an SLQ trace is never bare
+        shown["trace"] = [f"{t:.4g} ± {se:.2g}" if se == se else f"{t:.4g}" for t, se in zip(table["trace"],
+                          table["trace_se"], strict=True)]  # fmt: skip
+        shown = shown.rename(columns={"trace": "trace ± se"})
     unit = series_unit(table)
     if unit == "step":  # Trainer folders: the series is in steps
         shown = shown.rename(columns={"epoch": "step"})

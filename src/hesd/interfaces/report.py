@@ -8,9 +8,9 @@ training run, as ``hesd demo`` writes) and never recomputes anything.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -27,12 +27,14 @@ import pandas as pd
 from .._version import __version__
 from ..algorithms.spectrum import Spectrum
 from ..analysis.decision import decide, gap_text, series_unit
-from ..analysis.rows import VIEWS, build_table, records
+from ..analysis.evidence import reliability_text, study_note
+from ..analysis.rows import VIEWS, build_table, records, series_order
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
 from ..errors import HesdFileNotFoundError
+from .report_template import render_report
 
-__all__ = ["SeriesData", "build_report", "find_series", "load_series"]
+__all__ = ["SeriesData", "build_report", "find_series", "load_series", "run_name"]
 
 _RULE_STYLE = {
     "highest_ct_mp": ("Highest Ct among MP (paper)", "tab:green"),
@@ -55,18 +57,13 @@ class SeriesData:
     landscape: dict | None
 
 
-def _sort_key(row: dict) -> tuple:
-    e = row.get("epoch")
-    return (e is None, e if e is not None else 0, str(row.get("name", "")))
-
-
 def load_series(root: str | Path, label: str | None = None) -> SeriesData:
     """Load one results folder without recomputing anything."""
     store = ResultStore.open_existing(root)
     stored = store.settings
     analysis = dict(stored.get("analysis", stored))
     settings = AnalysisSettings(**analysis)
-    rows = sorted(store.rows(), key=_sort_key)
+    rows = sorted(store.rows(), key=series_order)
     if not rows:
         raise HesdFileNotFoundError(f"load_series: {root} holds no analysed checkpoints yet")
     table, selections, spectra = build_table(rows, settings)
@@ -127,7 +124,7 @@ def _fig_criteria(series: SeriesData):
     thr = float(series.settings.get("ct_threshold", -0.6))
     has_acc = "heldout_accuracy" in t and t["heldout_accuracy"].notna().any()
     has_loss = "heldout_loss" in t and t["heldout_loss"].notna().any()
-    n = 4 if has_acc or has_loss else 3
+    n = 4 + int(has_acc)  # Ct, re/KH05, eigenvalues, [held-out accuracy], losses
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.3 * n), sharex=True)
     x = t["epoch"].astype(float).to_numpy() if t["epoch"].notna().all() else np.arange(len(t), dtype=float)
     ax = axes[0]
@@ -142,29 +139,31 @@ def _fig_criteria(series: SeriesData):
     if qs.any():
         ax.plot(x[qs], ct[qs], "x", color="tab:blue", ms=10, mew=2, label="quasi-singular")
     ax.set_ylabel("Ct")
-    ax.legend(fontsize=7, loc="lower left", ncol=3)
+    ax.legend(fontsize=7, loc="best", ncol=3)
     ax = axes[1]
     ax.plot(x, t["re"], "o-", label="re")
     ax.plot(x, t["kh05"], "s-", label="KH05")
     ax.set_ylabel("criterion")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     ax = axes[2]
     ax.plot(x, t["lambda_max"], "o-", color="tab:blue", label="λmax")
     ax.plot(x, t["lambda_min"], "o-", color="tab:red", label="λmin")
     ax.set_yscale("symlog", linthresh=max(1e-3, float(np.nanmax(np.abs(t["lambda_min"]))) / 10))
     ax.axhline(0, color="k", lw=0.6)
     ax.set_ylabel("eigenvalue")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     if has_acc:
         ax = axes[3]
-        ax.plot(x, t["heldout_accuracy"], "o-", color="tab:purple")
+        ax.plot(x, t["heldout_accuracy"], "o-", color="tab:purple", label="held-out accuracy")
         ax.set_ylabel("held-out acc.")
-    elif has_loss:  # no accuracy (a language model, a regression): the losses
-        ax = axes[3]
+    ax = axes[-1]  # the losses: the training loss always, the held-out loss where recorded
+    ax.plot(x, t["train_loss"], "s--", color="tab:gray", label="train loss")
+    if has_loss:
         ax.plot(x, t["heldout_loss"], "o-", color="tab:purple", label="held-out loss")
-        ax.plot(x, t["train_loss"], "s--", color="tab:gray", label="train loss")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=7, loc="best")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7, loc="best")
+    drawn: dict[float, int] = {}  # picks already drawn at an x: a later one is drawn thinner on top, dashed
+    handles = []
     for rule, sel in series.selections.items():
         if sel.get("checkpoint") is None:
             continue
@@ -176,13 +175,18 @@ def _fig_criteria(series: SeriesData):
             xe = float(row["epoch"].iloc[0])
         else:
             xe = float(np.flatnonzero(t["checkpoint"] == sel["checkpoint"])[0])
+        k = drawn.get(xe, 0)
+        drawn[xe] = k + 1
+        style = {"color": color, "lw": 3.0 - 0.9 * k, "alpha": 0.65, "ls": ("-", (0, (4, 2)), (0, (1, 1.5)))[min(k, 2)]}
         for a in axes:
-            a.axvline(xe, color=color, lw=1.5, alpha=0.7, label=label if a is axes[-1] else None)
+            line = a.axvline(xe, **style)
+        handles.append((line, f"{label}: {series_unit(t)} {sel.get('epoch')}"))
     axes[-1].set_xlabel(series_unit(t))
-    if any(s.get("checkpoint") for s in series.selections.values()):
-        axes[-1].legend(fontsize=7, loc="lower right")
+    if handles:  # below the panels, where it covers no point
+        fig.legend([h for h, _ in handles], [lab for _, lab in handles], loc="lower center", ncol=len(handles),
+                   fontsize=7, frameon=False)  # fmt: skip
     axes[0].set_title(f"{series.label}: criteria over training")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 if handles else 0, 1, 1))
     return fig
 
 
@@ -209,7 +213,7 @@ def _fig_landscape(series: SeriesData):
         surf = np.asarray(part["surface"])
         cs = ax.contourf(g, g, surf, levels=20, cmap="viridis")
         ax.contour(g, g, surf, levels=10, colors="k", linewidths=0.4)
-        fig.colorbar(cs, ax=ax)
+        fig.colorbar(cs, ax=ax).set_label("loss")
         ax.plot([0], [0], "r*", ms=10)
         ax.set_title(f"2-D slice: {title}", fontsize=9)
         ax.set_xlabel("direction 1")
@@ -232,51 +236,73 @@ def _save(fig, figdir: Path, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- html
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-h1{margin-bottom:0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}.MP{color:#1a7f37;font-weight:600}.MN{color:#cf222e;font-weight:600}
-.failed{background:#fff0f0}img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:13px}
-.pick{background:#f6f6f6;border-left:4px solid #888;padding:.5em 1em;margin:.5em 0}
-.pick.good{background:#f6fff6;border-color:#1a7f37}.pick.fair{background:#fffbea;border-color:#bf8700}
-.pick.poor{background:#fff0f0;border-color:#cf222e}.flag{color:#cf222e;font-size:13px}
-.headline{font-size:17px;background:#f6f8fa;border:1px solid #d0d7de;padding:.7em 1em;margin:1em 0}
-.warn{color:#9a6700;font-size:14px;margin:.2em 0 .2em 1em}
-code{background:#f3f3f3;padding:1px 4px}
-"""
-
-
-def _headline_html(label: str | None, d: Any) -> str:
-    """The decision sentence and its warnings (``label``: the series, in a multi-series page)."""
-    prefix = f"<b>{html.escape(label)}</b>: " if label else ""
-    warns = "".join(f"<div class='warn'>⚠ {html.escape(w)}</div>" for w in d.warnings)
-    return f"<div class='headline'>{prefix}{html.escape(d.sentence)}{warns}</div>"
 
 
 def _fmt(v: Any) -> str:
+    """A table cell's text (escaping is the template's)."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
     if isinstance(v, (bool, np.bool_)):
         return "yes" if v else ""
     if isinstance(v, (float, np.floating)):
         return f"{v:.4g}"
-    return html.escape(str(v))
+    return str(v)
 
 
-def _table_html(t: pd.DataFrame) -> str:
-    cols = [c for c in VIEWS["report"] if c in t]
-    head = "".join(f"<th class='l'>{html.escape(c)}</th>" if c in ("name", "error") else f"<th>{c}</th>" for c in cols)
-    body = []
-    for _, r in t.iterrows():
-        cells = []
-        for c in cols:
-            cls = "l" if c in ("name", "error") else ""
-            if c == "hesd_type" and r[c] in ("MP", "MN"):  # a class name only from the known values
-                cls += f" {r[c]}"
-            cells.append(f"<td class='{cls.strip()}'>{_fmt(r[c])}</td>")
-        body.append(f"<tr class='{'failed' if r.get('status') != 'ok' else ''}'>{''.join(cells)}</tr>")
-    return f"<table class='results'><tr>{head}</tr>{''.join(body)}</table>"
+_LEFT = ("name", "error")
+_TYPE_CLASSES = ("MP", "MN", "undetermined")  # a class name only from the known values
+
+
+def _cell(r: pd.Series, c: str) -> dict[str, str]:
+    """One results cell: its text, its CSS class and its tooltip."""
+    cls = "l" if c in _LEFT else ""
+    text, tip = _fmt(r[c]), ""
+    if c == "hesd_type" and r[c] in _TYPE_CLASSES:
+        cls += f" {r[c]}"
+        tip = str(r.get("type_reason") or "")
+    if c == "trace" and r.get("trace_se") is not None and np.isfinite(r.get("trace_se") or np.nan):
+        text = f"{r[c]:.4g} ± {r['trace_se']:.2g}"  # an SLQ trace with few probes is noisy: never bare
+    if c == "qs_flag" and bool(r[c]):
+        tip = str(r.get("qs_reason") or "")
+    return {"text": text, "cls": cls.strip(), "tip": tip}
+
+
+def _table(t: pd.DataFrame) -> dict[str, Any]:
+    cols = [c for c in VIEWS["report"] if c in t and c != "trace_se"]
+    head = [{"text": "trace ± se" if c == "trace" else c, "cls": "l" if c in _LEFT else ""} for c in cols]
+    rows = [{"failed": r.get("status") != "ok", "cells": [_cell(r, c) for c in cols]} for _, r in t.iterrows()]
+    return {"head": head, "rows": rows}
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """A nested manifest as ``(dotted key, value)`` rows for the settings table."""
+    if isinstance(d, dict) and d:
+        return [kv for k, v in d.items() for kv in _flat(v, f"{prefix}{k}.")]
+    if isinstance(d, list) and all(isinstance(x, (str, int, float)) for x in d):
+        return [(prefix.rstrip("."), ", ".join(map(str, d)))]
+    return [(prefix.rstrip("."), d if isinstance(d, str) else json.dumps(d))]
+
+
+def _settings_view(manifest: dict) -> dict:
+    """The manifest with its settings at the top level (``analysis.num_steps``, not ``settings.analysis...``)."""
+    return {**{k: v for k, v in manifest.items() if k != "settings"}, **manifest.get("settings", {})}
+
+
+def run_name(table: pd.DataFrame, root: Path) -> str:
+    """The name of the run a series comes from: its checkpoints' common folder, else the results folder's name.
+
+    ``runs/lr0.1/epoch_3.pt`` → ``lr0.1``; Trainer folders ``out/checkpoint-200`` → ``out``;
+    rows without a file (:class:`hesd.Monitor`) → the results folder's name.
+    """
+    paths = [Path(str(c)) for c in table.get("checkpoint", []) if not str(c).startswith("monitor:")]
+    if paths:
+        try:
+            common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        except ValueError:  # paths on different drives
+            common = None
+        if common is not None and common.name:
+            return common.name
+    return root.name
 
 
 def _versions() -> dict[str, str]:
@@ -292,6 +318,10 @@ def _versions() -> dict[str, str]:
 def build_report(root: str | Path, out: str | Path | None = None, title: str = "hesd report") -> Path:
     """Build ``report.html`` (and ``figures/*.png|svg``, ``results.csv|json`` per series) from stored results.
 
+    The page is rendered by a Jinja2 template with autoescaping
+    (:mod:`hesd.interfaces.report_template`): every stored value reaches it as text, so markup
+    in a shared folder's names, reasons or settings is shown, never run.
+
     Args:
         root: a results folder, or a folder of results folders (one per training run).
         out: where to write the HTML (default ``root/report.html``).
@@ -301,75 +331,50 @@ def build_report(root: str | Path, out: str | Path | None = None, title: str = "
         The path of the HTML file.
     """
     root = Path(root)
-    series = [load_series(p, label=p.name if p != root else None) for p in find_series(root)]
+    series = [load_series(p) for p in find_series(root)]
+    names = [run_name(s.table, s.root) for s in series]
+    for s, name in zip(series, names, strict=True):  # the run's name; the results folder's where two runs share it
+        s.label = name if names.count(name) == 1 or s.root.name == name else f"{name} ({s.root.name})"
     out = Path(out) if out else root / "report.html"
     figdir = out.parent / "figures"
-    parts = [f"<h1>{html.escape(title)}</h1><p class='note'>Generated {time.strftime('%Y-%m-%d %H:%M')} by hesd "
-             f"{__version__} from {html.escape(str(root))}. Criteria: re = |λmin/λmax|, KH05 = Σ<sub>λ&lt;0</sub>"
-             "|λw|<sup>0.5</sup> / Σ<sub>λ&gt;0</sub>(λw)<sup>0.5</sup>, Ct = min λ<sub>neg</sub> / max "
-             "λ<sub>pos</sub> on raw Ritz values, averaged over probes; MP (mainly positive) when Ct &gt; "
-             "threshold, where curvature-based generalisation analysis applies.</p>"]  # fmt: skip
-    summary = ["<h2>Summary</h2><table><tr><th class='l'>series</th><th>checkpoints</th><th>MP</th><th>MN</th>"
-               "<th>quasi-singular</th><th>failed</th><th class='l'>paper's pick (highest Ct among MP)</th>"
-               "<th class='l'>smallest λmax pick</th></tr>"]  # fmt: skip
-    sections: list[str] = []
-    headlines: list[str] = []
+    context: dict[str, Any] = {"title": title, "generated": time.strftime("%Y-%m-%d %H:%M"), "version": __version__,
+                               "root": str(root), "series": [], "versions": _versions()}  # fmt: skip
     for s in series:
         t = s.table
         ok = t[t["status"] == "ok"]
-        picks = []
+        unit = series_unit(t)
+        picks_short = []
         for rule in ("highest_ct_mp", "smallest_lambda_max"):
             sel = s.selections.get(rule, {})
-            txt = f"{series_unit(t)} {sel['epoch']}" if sel.get("checkpoint") else "none"
+            txt = f"{unit} {sel['epoch']}" if sel.get("checkpoint") else "none"
             if sel.get("heldout_accuracy") is not None:
                 txt += f" (held-out acc. {sel['heldout_accuracy']:.3f})"
             elif sel.get("heldout_loss") is not None:
                 txt += f" (held-out loss {sel['heldout_loss']:.3f})"
-            picks.append(html.escape(txt))
-        summary.append(
-            f"<tr><td class='l'>{html.escape(s.label)}</td><td>{len(t)}</td><td>{int((ok['hesd_type'] == 'MP').sum())}"
-            f"</td><td>{int((ok['hesd_type'] == 'MN').sum())}</td><td>{int(ok['qs_flag'].sum())}</td>"
-            f"<td>{int((t['status'] != 'ok').sum())}</td><td class='l'>{picks[0]}</td>"
-            f"<td class='l'>{picks[1]}</td></tr>"
-        )
-        slug = "".join(ch if ch.isalnum() else "_" for ch in s.label) or "series"
+            picks_short.append(txt)
+        slug = "".join(ch if ch.isalnum() else "_" for ch in s.root.name) or "series"  # unique within one report
         imgs = [("density", _fig_density(s)), ("criteria", _fig_criteria(s))] if len(ok) else []
         if s.landscape and len(ok):
             imgs.append(("landscape", _fig_landscape(s)))
-        figs_html = (
-            "".join(
-                f"<h3>{name.title()}</h3><img alt='{name} {html.escape(s.label)}' "
-                f"src='data:image/png;base64,{_save(fig, figdir, f'{slug}_{name}')}'>"
-                for name, fig in imgs
-            )
-            or "<p class='note'>No checkpoint of this series was analysed successfully: no figures. The "
-            "errors are in the table below.</p>"
-        )
-        decision = decide(t, s.selections, series_unit(t))
-        headlines.append(_headline_html(s.label if len(series) > 1 else None, decision))
-        sel_html = "".join(
-            f"<div class='pick {decision.grades.get(r, 'good' if r == 'best_heldout' else 'unknown')}'>"
-            f"<b>{html.escape(_RULE_STYLE.get(r, (r,))[0])}</b>: "
-            f"{html.escape(Path(v['checkpoint']).name) if v.get('checkpoint') else '<i>no pick</i>'} — "
-            f"{html.escape(v['reason'] + ('' if r == 'best_heldout' or not gap_text(v) else '; ' + gap_text(v)))}"
-            + "".join(f"<div class='flag'>⚠ {html.escape(f)}</div>" for f in decision.flags.get(r, []))
-            + "</div>"
-            for r, v in s.selections.items()
-        )
-        settings_html = html.escape(json.dumps(s.manifest, indent=1))
-        sections.append(
-            f"<h2>Series: {html.escape(s.label)}</h2><h3>Selection</h3>{sel_html}{figs_html}"
-            f"<h3>Results</h3>{_table_html(t)}<p class='note'>Full table: "
-            f"<code>{html.escape(str(s.root / 'results.csv'))}</code></p>"
-            f"<h3>Settings</h3><pre>{settings_html}</pre>"
-        )
+        decision = decide(t, s.selections, unit)
+        picks = [{"title": _RULE_STYLE.get(r, (r,))[0],
+                  "grade": decision.grades.get(r, "good" if r == "best_heldout" else "unknown"),
+                  "checkpoint": Path(v["checkpoint"]).name if v.get("checkpoint") else None,
+                  "reason": v["reason"] + ("" if r == "best_heldout" or not gap_text(v) else "; " + gap_text(v)),
+                  "flags": decision.flags.get(r, []), "reliability": reliability_text(r, with_scope=False)}
+                 for r, v in s.selections.items()]  # fmt: skip
+        context["series"].append({
+            "label": s.label, "decision": decision, "picks": picks, "table": _table(t),
+            "figures": [{"name": n, "src": _save(fig, figdir, f"{slug}_{n}")} for n, fig in imgs],
+            "csv": str(s.root / "results.csv"), "settings": _flat(_settings_view(s.manifest)),
+            "counts": {"checkpoints": len(t), "MP": int((ok["hesd_type"] == "MP").sum()),
+                       "MN": int((ok["hesd_type"] == "MN").sum()),
+                       "undetermined": int((ok["hesd_type"] == "undetermined").sum()),
+                       "qs": int(ok["qs_flag"].sum()), "failed": int((t["status"] != "ok").sum())},
+            "picks_short": picks_short,
+        })  # fmt: skip
         ResultStore.open_existing(s.root).write_tables(records(t))  # the tables follow the rebuilt flags
-    summary.append("</table>")
-    versions = "".join(f"<tr><td class='l'>{k}</td><td class='l'>{html.escape(v)}</td></tr>" for k, v in
-                       _versions().items())  # fmt: skip
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{_CSS}</style></head><body>{''.join(parts)}"
-           f"{''.join(headlines)}{''.join(summary)}{''.join(sections)}"
-           f"<h2>Versions</h2><table>{versions}</table></body></html>")  # fmt: skip
-    atomic_write_text(out, doc)
+    context["multi"] = len(series) > 1
+    context["study"] = study_note()
+    atomic_write_text(out, render_report(context))
     return out
