@@ -35,6 +35,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.MP{color:#1a7f37;font-weight:60
 .headline{font-size:17px;background:#f6f8fa;border:1px solid #d0d7de;padding:.7em 1em;margin:1em 0}
 .warn{color:#9a6700;font-size:14px;margin:.2em 0 .2em 1em}.evidence{color:#555;font-size:12px;margin-top:.3em}
 code{background:#f3f3f3;padding:1px 4px}table.settings td{font-family:ui-monospace,monospace}
+.scroll{overflow-x:auto}table.results td:not(.l){white-space:nowrap}
 """
 
 TEMPLATE = """<!DOCTYPE html>
@@ -74,12 +75,13 @@ where λmax stops tracking generalisation.</p>
 the table below.</p>
 {% endfor %}
 <h3>Results</h3>
-<table class="results"><tr>{% for h in s.table.head %}<th class="{{ h.cls }}">{{ h.text }}</th>{% endfor %}</tr>
+<div class="scroll"><table class="results">
+<tr>{% for h in s.table.head %}<th class="{{ h.cls }}">{{ h.text }}</th>{% endfor %}</tr>
 {% for r in s.table.rows %}<tr class="{{ 'failed' if r.failed else '' }}">
 {%- for c in r.cells %}<td class="{{ c.cls }}"{% if c.tip %} title="{{ c.tip }}"{% endif %}>{{ c.text }}</td>
 {%- endfor -%}
 </tr>
-{% endfor %}</table>
+{% endfor %}</table></div>
 <p class="note">Full table: <code>{{ s.csv }}</code></p>
 <h3>Settings</h3>
 <table class="settings">{% for k, v in s.settings %}<tr><td class="l">{{ k }}</td><td class="l">{{ v }}</td></tr>
