@@ -36,6 +36,7 @@ __all__ = [
     "check_row",
     "records",
     "series_order",
+    "trace_text",
 ]
 
 
@@ -159,6 +160,18 @@ def check_row(row: Any) -> str:
         elif col is None and not isinstance(value, (*_JSON_SCALARS, list, dict)):
             return f"{key} holds {type(value).__name__}"  # pragma: no cover - json.loads makes only these
     return ""
+
+
+def trace_text(trace: Any, se: Any) -> str | None:
+    """``"28.01 ± 0.61"``: the SLQ trace with its standard error (never shown bare); ``None`` without a finite error.
+
+    Examples:
+        >>> trace_text(28.0123, 0.6061), trace_text(28.0, float("nan"))
+        ('28.01 ± 0.61', None)
+    """
+    if se is None or not np.isfinite(se):
+        return None
+    return f"{trace:.4g} ± {se:.2g}"
 
 
 def series_order(row: dict) -> tuple:

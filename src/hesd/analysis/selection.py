@@ -114,15 +114,21 @@ class SelectionRule:
         self.skip_initial = skip_initial
 
     def candidates(self, table: pd.DataFrame) -> pd.DataFrame:
-        """The rows a rule may pick: analysed ones, without the initial checkpoint if so set.
+        """The rows a rule may pick: analysed, not the initialisation (if so set), type determined.
 
-        A row is the initialisation when its ``initial`` column says so (set from the checkpoint's
+        A rule on curvature (``uses_curvature``) skips undetermined HESD types. A row is the
+        initialisation when its ``initial`` column says so (set from the checkpoint's
         name: ``epoch_000.pt`` is, Lightning's ``epoch=0-step=10.ckpt`` is not); rows without
         that column (stored by hesd before 0.3) fall back to ``epoch == 0``.
         """
-        t = table[table["status"] == "ok"] if "status" in table else table
+        t = self._trained(table)
         if self.uses_curvature and "hesd_type" in t:
             t = t[t["hesd_type"] != "undetermined"]
+        return t
+
+    def _trained(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The analysed rows, without the initial checkpoint if so set (whatever their HESD type)."""
+        t = table[table["status"] == "ok"] if "status" in table else table
         if not self.skip_initial:
             return t
         if "initial" in t and t["initial"].notna().any():
@@ -136,7 +142,7 @@ class SelectionRule:
         ok = table[table["status"] == "ok"] if "status" in table else table
         if ok.empty:
             return "no successfully analysed checkpoint to choose from"
-        trained = _NoTypeCheck(self.skip_initial).candidates(ok)
+        trained = self._trained(ok)
         if trained.empty:
             names = ", ".join(str(n) for n in ok["name"]) if "name" in ok else "epoch 0"
             return (f"only the initialisation ({names}) was analysed, and the rules skip it on purpose: it is not a "
@@ -252,12 +258,6 @@ class ExtremeOf(SelectionRule):
         row = t.iloc[int(np.argmin(vals) if self.mode == "min" else np.argmax(vals))]
         word = "smallest" if self.mode == "min" else "largest"
         return self._pick(self.name, row, f"{word} {self.column} = {row[self.column]:.5g} of {len(t)} checkpoints")
-
-
-class _NoTypeCheck(SelectionRule):
-    """The base candidates without the type filter (to say why a curvature rule had none)."""
-
-    uses_curvature = False
 
 
 class BestHeldout(SelectionRule):

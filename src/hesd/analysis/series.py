@@ -203,12 +203,12 @@ def _check_inputs_once(model, infos, data, loss_fn, s, model_factory, group, sha
                 except CHECKPOINT_ERRORS:
                     continue
         if probe is not None:
-            check_inputs(probe, data, loss_fn, s.params, "analyze_checkpoints")
+            check_inputs(probe, data, loss_fn, s.params, "analyze_checkpoints")  # probe is placed already
             plan = None
             if s.max_memory is not None:  # a budget no plan fits stops the run here, not at every checkpoint
-                plan = plan_for_settings(place(probe, s), loss_fn, data, s, shards=shards)
+                plan = plan_for_settings(probe, loss_fn, data, s, shards=shards)
             try:  # a model no product works for fails at its checkpoints, with the reason, not here
-                estimate = estimate_cost(place(probe, s), loss_fn, data, s, len(infos), s.params,
+                estimate = estimate_cost(probe, loss_fn, data, s, len(infos), s.params,
                                          plan.operator_kwargs() if plan is not None else None)  # fmt: skip
             except Exception:
                 estimate = None

@@ -69,8 +69,8 @@ _FIX_ROW = "Remove the file to recompute that checkpoint"
 _FIX_FOLDER = "Choose another output folder (--out), or remove the folder if it is yours"
 
 
-def read_json_file(path: Path, what: str, kind: type | None = dict, fix: str = _FIX_FOLDER) -> Any:
-    """``path`` parsed as JSON (of type ``kind``), or :class:`ForeignFolderError` naming the file and ``fix``."""
+def read_json_file(path: Path, what: str, fix: str = _FIX_FOLDER) -> dict:
+    """``path`` parsed as a JSON object, or :class:`ForeignFolderError` naming the file and ``fix``."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -78,9 +78,9 @@ def read_json_file(path: Path, what: str, kind: type | None = dict, fix: str = _
             f"{what}: {path} is not a JSON file hesd wrote ({type(exc).__name__}: {exc}); it was damaged or replaced. "
             f"{fix}"
         ) from None
-    if kind is not None and not isinstance(value, kind):
+    if not isinstance(value, dict):
         raise ForeignFolderError(
-            f"{what}: {path} holds a JSON {type(value).__name__}, not the {kind.__name__} hesd writes; it was "
+            f"{what}: {path} holds a JSON {type(value).__name__}, not the dict hesd writes; it was "
             f"damaged or replaced. {fix}"
         )
     return value

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import typer
 
 from ..analysis.decision import decide, gap_text, series_unit
-from ..analysis.rows import VIEWS
+from ..analysis.rows import VIEWS, trace_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -230,8 +230,8 @@ def print_summary(table, selections) -> None:
                 or ("heldout_loss" in table and table["heldout_loss"].notna().any())]  # fmt: skip
     shown = table[cols].copy()
     if "trace" in shown and "trace_se" in table and table["trace_se"].notna().any():  # an SLQ trace is never bare
-        shown["trace"] = [f"{t:.4g} ± {se:.2g}" if se == se else f"{t:.4g}" for t, se in zip(table["trace"],
-                          table["trace_se"], strict=True)]  # fmt: skip
+        shown["trace"] = [trace_text(t, se) or f"{t:.4g}" for t, se in zip(table["trace"], table["trace_se"],
+                                                                           strict=True)]  # fmt: skip
         shown = shown.rename(columns={"trace": "trace ± se"})
     unit = series_unit(table)
     if unit == "step":  # Trainer folders: the series is in steps

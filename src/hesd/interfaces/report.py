@@ -28,7 +28,7 @@ from .._version import __version__
 from ..algorithms.spectrum import Spectrum
 from ..analysis.decision import decide, gap_text, series_unit
 from ..analysis.evidence import reliability_text, study_note
-from ..analysis.rows import VIEWS, build_table, records, series_order
+from ..analysis.rows import VIEWS, build_table, records, series_order, trace_text
 from ..analysis.settings import AnalysisSettings
 from ..analysis.store import ResultStore, atomic_write_bytes, atomic_write_text
 from ..errors import HesdFileNotFoundError
@@ -260,8 +260,8 @@ def _cell(r: pd.Series, c: str) -> dict[str, str]:
     if c == "hesd_type" and r[c] in _TYPE_CLASSES:
         cls += f" {r[c]}"
         tip = str(r.get("type_reason") or "")
-    if c == "trace" and r.get("trace_se") is not None and np.isfinite(r.get("trace_se") or np.nan):
-        text = f"{r[c]:.4g} ± {r['trace_se']:.2g}"  # an SLQ trace with few probes is noisy: never bare
+    if c == "trace":  # an SLQ trace with few probes is noisy: never bare
+        text = trace_text(r[c], r.get("trace_se")) or text
     if c == "qs_flag" and bool(r[c]):
         tip = str(r.get("qs_reason") or "")
     return {"text": text, "cls": cls.strip(), "tip": tip}
