@@ -8,7 +8,10 @@ own. Per run, as far as the tool can go:
 * ``grad s`` — one gradient; ``HVP s`` — one product (hesd: first-order graph kept; eigenthings:
   its autograd product); ``FD s`` — one finite-difference product (hesd, eigenthings);
 * ``top-1`` — the largest eigenvalue at tolerance 1e-3: seconds, products, and its relative
-  error against hesd's value at 1e-6 (hesd runs first and hands it on);
+  error against hesd's reference value (hesd runs first and hands it on, or ``--reference``): the
+  two largest eigenvalues by restarted Lanczos from another random start with a 16-vector basis,
+  until their residual bound is ``--ref-tol`` (1e-5) of λmax, which bounds the reference's own
+  error by as much (asking for two keeps a near-degenerate top pair from hiding the largest);
 * ``SLQ s`` — a 30-step SLQ probe (hesd: under the memory plan for ``--max-memory``, which it
   prints; PyHessian ``density(iter=30)``; eigenthings ``spectral_density``; curvlinops has no
   per-probe Ritz weights);
@@ -30,7 +33,10 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +89,47 @@ def partial(r: dict) -> None:
           "plan": r.get("plan", "")}), flush=True)  # fmt: skip
 
 
+class _Sampler:
+    """Resident memory sampled every 0.2 s in a thread: the peak within each phase, not only since the start."""
+
+    def __init__(self) -> None:
+        self.peak = current_rss()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, current_rss())
+
+    def reset(self) -> int:
+        now = current_rss()
+        self.peak = now
+        return now
+
+
+_SAMPLER: _Sampler | None = None
+
+
+@contextmanager
+def phase(name: str, r: dict, key: str | None = None):
+    """Time one phase; print it as soon as it ends (``PHASE`` line: seconds, RSS at its start, peak, end)."""
+    global _SAMPLER
+    _SAMPLER = _SAMPLER or _Sampler()
+    start, t, ru = _SAMPLER.reset(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    yield
+    secs = time.perf_counter() - t
+    ru2 = resource.getrusage(resource.RUSAGE_SELF)
+    _SAMPLER.peak = max(_SAMPLER.peak, current_rss())
+    if key:
+        r[key] = secs
+    r.setdefault("phases", []).append(
+        {"phase": name, "s": secs, "start GiB": start / 2**30, "peak GiB": _SAMPLER.peak / 2**30,
+         "end GiB": current_rss() / 2**30, "user s": ru2.ru_utime - ru.ru_utime,
+         "system s": ru2.ru_stime - ru.ru_stime, "page faults": ru2.ru_minflt - ru.ru_minflt})  # fmt: skip
+    print("PHASE " + json.dumps(r["phases"][-1]), flush=True)
+    partial(r)
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -97,35 +144,49 @@ def run_hesd(size: str, a) -> dict:
     data = [batch]
     r: dict = {"P": sum(p.numel() for p in model.parameters())}
     before = current_rss()  # the planned analysis first, so that the process's peak is its own
-    plan = plan_memory(model, None, data, num_steps=STEPS, max_memory=a.max_memory)
+    with phase("plan", r):
+        plan = plan_memory(model, None, data, num_steps=STEPS, max_memory=a.max_memory)
     r["plan"], r["plan GiB"] = plan.describe(), plan.total / 2**30
-
-    def slq():
-        op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())
-        return hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
-
-    spec, r["SLQ s"] = timed(slq)
+    print("PLAN " + json.dumps(r["plan"]), flush=True)
+    op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())
+    with phase("SLQ", r, "SLQ s"):
+        spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
+    r["SLQ HVPs"] = op.num_matvecs
     r["SLQ λmax"] = float(max(spec.values[0]))
     r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
     r["SLQ RSS GiB"] = rss_gib()
-    partial(r)
+    del op, spec
     params = list(model.parameters())
-    _, r["grad s"] = timed(lambda: torch.autograd.grad(model(**batch).loss, params))
+    with phase("gradient", r, "grad s"):
+        torch.autograd.grad(model(**batch).loss, params)
     op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())  # within the plan's memory
     v = torch.randn(op.shape[0])
-    op @ v  # first-order pass (graphs kept as the plan allows)
-    _, r["HVP s"] = timed(lambda: op @ v)
+    with phase("first product", r):
+        op @ v  # first-order pass (graphs kept as the plan allows)
+    with phase("product", r, "HVP s"):
+        op @ v
     fd = hesd.HessianOperator(model, None, data, hvp_method="finite_difference", check_deterministic=False)
     fd @ v
-    _, r["FD s"] = timed(lambda fd=fd: fd @ v)
-    del fd
-    partial(r)
+    with phase("finite-difference product", r, "FD s"):
+        fd @ v
+    del fd, v
     n0 = op.num_matvecs
     basis = plan.eigen_basis  # the restarted Lanczos basis within the plan's basis memory
-    top, r["top-1 s"] = timed(lambda: hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis))
+    r["eigen basis"] = basis
+    with phase("top-1", r, "top-1 s"):
+        top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
-    partial(r)
-    r["reference"] = float(hesd.eigenvalues(op, k=1, tol=a.ref_tol, warn=False, max_basis=basis).eigenvalues[0])
+    if a.reference is not None:  # given: not recomputed
+        return r | {"reference": a.reference, "RSS GiB (measured phases)": max(p["peak GiB"] for p in r["phases"])}
+    del top
+    n0 = op.num_matvecs
+    r["RSS GiB (measured phases)"] = max(p["peak GiB"] for p in r["phases"])
+    # The reference: the two largest eigenvalues from another random start with a larger basis (outside the
+    # plan: not part of the row's memory), so that a near-degenerate top pair cannot hide the largest one.
+    with phase(f"reference (top 2, tol {a.ref_tol:g})", r):
+        ref = hesd.eigenvalues(op, k=2, tol=a.ref_tol, warn=False, max_basis=16, seed=1, max_matvecs=150)
+    r["reference"], r["reference HVPs"] = float(ref.eigenvalues[0]), op.num_matvecs - n0
+    r["reference second"], r["reference converged"] = float(ref.eigenvalues[1]), bool(ref.converged)
     return r
 
 
@@ -135,15 +196,20 @@ def run_eigenthings(size: str, a) -> dict:
     model, batch = build(size, eager=True)
     r: dict = {}
     params = list(model.parameters())
-    _, r["grad s"] = timed(lambda: torch.autograd.grad(model(**batch).loss, params))
+    with phase("gradient", r, "grad s"):
+        torch.autograd.grad(model(**batch).loss, params)
     op = he.HessianOperator(model, [batch], he.hf_lm_loss())
     fd = he.HessianOperator(model, [batch], he.hf_lm_loss(), method="finite_difference")
     v = torch.randn(op.size)
-    _, r["HVP s"] = timed(lambda: op.matvec(v))
-    _, r["FD s"] = timed(lambda: fd.matvec(v))
-    res, r["top-1 s"] = timed(lambda: he.lanczos(op, k=1, max_iter=20, which="LA", tol=1e-3, seed=0))
+    with phase("product", r, "HVP s"):
+        op.matvec(v)
+    with phase("finite-difference product", r, "FD s"):
+        fd.matvec(v)
+    with phase("top-1", r, "top-1 s"):
+        res = he.lanczos(op, k=1, max_iter=20, which="LA", tol=1e-3, seed=0)
     r["top-1 HVPs"], r["top-1"] = 20, float(res.eigenvalues[0])
-    _, r["SLQ s"] = timed(lambda: he.spectral_density(op, num_runs=1, lanczos_steps=STEPS, seed=0))
+    with phase("SLQ", r, "SLQ s"):
+        he.spectral_density(op, num_runs=1, lanczos_steps=STEPS, seed=0)
     return r
 
 
@@ -160,9 +226,11 @@ def run_pyhessian(size: str, a) -> dict:
     ids = batch["input_ids"]
     y = ids[:, 1:].reshape(-1)
     r: dict = {}
-    comp, r["grad s"] = timed(lambda: ph.hessian(model, F.cross_entropy, data=(ids, y), cuda=False))
+    with phase("set-up (forward, gradient with create_graph)", r, "grad s"):
+        comp = ph.hessian(model, F.cross_entropy, data=(ids, y), cuda=False)
     vv = [torch.randn_like(p) for p in comp.params]
-    _, r["HVP s"] = timed(lambda: ph.hessian_vector_product(comp.gradsH, comp.params, vv))
+    with phase("product", r, "HVP s"):
+        ph.hessian_vector_product(comp.gradsH, comp.params, vv)
     calls = [0]
     orig = ph.hessian_vector_product
 
@@ -171,9 +239,11 @@ def run_pyhessian(size: str, a) -> dict:
         return orig(*x, **k)
 
     ph.hessian_vector_product = counted
-    vals, r["top-1 s"] = timed(lambda: comp.eigenvalues(top_n=1, tol=1e-3, maxIter=100)[0])
+    with phase("top-1", r, "top-1 s"):
+        vals = comp.eigenvalues(top_n=1, tol=1e-3, maxIter=100)[0]
     r["top-1 HVPs"], r["top-1"] = calls[0], float(vals[0])
-    _, r["SLQ s"] = timed(lambda: comp.density(iter=STEPS, n_v=1))
+    with phase("SLQ", r, "SLQ s"):
+        comp.density(iter=STEPS, n_v=1)
     return r
 
 
@@ -189,7 +259,8 @@ def run_curvlinops(size: str, a) -> dict:
     r: dict = {}
     op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(ids, y)])
     v = torch.randn(sum(p.numel() for p in params))
-    _, r["HVP s"] = timed(lambda: op @ v)
+    with phase("product", r, "HVP s"):
+        op @ v
     calls = [0]
     orig = op._matmat
 
@@ -199,7 +270,8 @@ def run_curvlinops(size: str, a) -> dict:
         return orig(M)
 
     op._matmat = counted
-    vals, r["top-1 s"] = timed(lambda: eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False))
+    with phase("top-1", r, "top-1 s"):
+        vals = eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False)
     r["top-1 HVPs"], r["top-1"] = calls[0], float(vals[0])
     return r
 
@@ -215,6 +287,33 @@ def child(tool: str, size: str, a) -> None:
     print("RESULT " + json.dumps(r))
 
 
+def run_child(cmd: list[str], tool: str, size: str, timeout: float) -> tuple[str, str]:
+    """Run one (tool, size) child; print each phase as it ends; stop it after ``timeout`` seconds."""
+    with tempfile.TemporaryFile("w+") as errf:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True)
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        lines = []
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("PHASE "):
+                ph = json.loads(line[6:])
+                print(f"      {tool} {size} · {ph['phase']}: {ph['s']:.1f} s (CPU: user {ph['user s']:.0f} s, system "
+                      f"{ph['system s']:.0f} s, {ph['page faults'] / 1e6:.2f} M page faults); resident "
+                      f"{ph['start GiB']:.2f} → peak {ph['peak GiB']:.2f} → {ph['end GiB']:.2f} GiB",
+                      flush=True)  # fmt: skip
+            elif line.startswith("PLAN "):
+                print("      " + json.loads(line[5:]).replace("\n", "\n      "), flush=True)
+        p.wait()
+        timer.cancel()
+        errf.seek(0)
+        err = errf.read()
+        if p.returncode == -9 and not any(x.startswith("RESULT ") for x in lines):
+            err += f"\ndid not finish in {timeout} s"
+    return "".join(lines), err
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["10M", "40M", "124M"], choices=list(SIZES))
@@ -222,7 +321,10 @@ def main() -> None:
     ap.add_argument("--max-memory", type=lambda s: int(float(s) * 2**30), default=10 * 2**30, help="GiB for hesd")
     ap.add_argument("--timeout", type=int, default=3 * 3600, help="seconds per (tool, size) run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--ref-tol", type=float, default=1e-6, help="tolerance of hesd's reference λmax")
+    ap.add_argument("--ref-tol", type=float, default=1e-5, help="tolerance of hesd's reference λmax")
+    ap.add_argument("--reference", type=float, default=None,
+                    help="λmax to score the top-1 errors against (hesd's reference from an earlier run of the same "
+                         "size and seed), instead of computing it: one size at a time")  # fmt: skip
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -236,16 +338,12 @@ def main() -> None:
     cols = ["grad s", "HVP s", "FD s", "top-1 s", "top-1 HVPs", "top-1 err", "SLQ s", "RSS GiB"]
     print(f"{'size':<5} {'tool':<12} " + " ".join(f"{c:>10}" for c in cols), flush=True)
     for size in a.sizes:
-        reference = math.nan
+        reference = a.reference if a.reference is not None else math.nan
         for tool in a.tools:
             cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", str(a.max_memory / 2**30),
                    "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)]  # fmt: skip
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                out, err = p.stdout, p.stderr
-            except subprocess.TimeoutExpired as exc:
-                out, err = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), ""
-                err = f"did not finish in {a.timeout} s"
+            cmd += ["--reference", str(a.reference)] if a.reference is not None else []
+            out, err = run_child(cmd, tool, size, a.timeout)
             lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
             parts = [x for x in out.splitlines() if x.startswith("PARTIAL ")]
             if lines:
@@ -263,13 +361,29 @@ def main() -> None:
                 continue
             cells = [f"{r[c]:10.3g}" if isinstance(r.get(c), (int, float)) else f"{'-':>10}" for c in cols]
             print(f"{size:<5} {tool:<12} " + " ".join(cells), flush=True)
+            if "top-1" in r:
+                print(f"      top-1 λ = {r['top-1']:.7g}", flush=True)
             if "cut" in r:
                 print(f"      cut short ({r['cut']}); the columns are what it measured before")
             if tool == "hesd":
-                print(f"      P = {r['P']:,}; λmax {r.get('reference', math.nan):.6g}; SLQ λmax {r['SLQ λmax']:.6g}; "
-                      f"plan {r['plan GiB']:.2f} GiB vs resident growth {r['grown GiB']:.2f} GiB; peak RSS after "
-                      f"the SLQ {r['SLQ RSS GiB']:.2f} GiB", flush=True)  # fmt: skip
-                print("      " + r["plan"].replace("\n", "\n      "), flush=True)
+                g = {
+                    k: r.get(k, math.nan)
+                    for k in ("P", "reference", "SLQ λmax", "plan GiB", "grown GiB", "SLQ RSS GiB")
+                }.get  # a run cut short lacks the later keys
+                print(f"      P = {g('P'):,}; λmax {g('reference'):.6g}; SLQ λmax {g('SLQ λmax'):.6g}; "
+                      f"plan {g('plan GiB'):.2f} GiB vs resident growth {g('grown GiB'):.2f} GiB; peak RSS after "
+                      f"the SLQ {g('SLQ RSS GiB'):.2f} GiB", flush=True)  # fmt: skip
+                print(f"      reference: top two {g('reference'):.7g}, {r.get('reference second', math.nan):.7g} "
+                      f"(converged {r.get('reference converged')}, {r.get('reference HVPs')} products); peak RSS over "
+                      f"the measured phases (the reference's larger basis excluded) "
+                      f"{r.get('RSS GiB (measured phases)', math.nan):.2f} GiB", flush=True)  # fmt: skip
+                one = r.get("HVP s", math.nan)
+                print(f"      wall time against products × one product ({one:.3g} s): SLQ "
+                      f"{r.get('SLQ s', math.nan) / (r.get('SLQ HVPs', math.nan) * one):.3f} "
+                      f"({r.get('SLQ HVPs', '?')} products), top-1 "
+                      f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one):.3f} "
+                      f"({r.get('top-1 HVPs', '?')} products; restart basis {r.get('eigen basis', '?')})",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

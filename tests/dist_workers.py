@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import torch
@@ -18,6 +19,19 @@ def _init(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))  # fmt: skip
+
+
+def _teardown() -> None:
+    """Wait for every rank, then tear the group down; after a failure, tear down at once.
+
+    A rank that destroyed its group while its peer was still finishing its last collective aborted the
+    peer once ("terminate called without an active exception", SIGABRT, in
+    ``test_token_level_loss_ranks_weighted_by_their_tokens``): the barrier makes both ranks reach the
+    teardown together. A rank whose work raised does not wait (its peer may be the one that failed).
+    """
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def algorithms_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -40,7 +54,7 @@ def algorithms_worker(rank: int, world: int, init_file: str, out: str) -> None:
         res["probe_parallel"] = slq_probe_parallel(full_op, 15, 3, seed=4).to_dict()
         torch.save(res, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def mixed_columns_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -55,7 +69,7 @@ def mixed_columns_worker(rank: int, world: int, init_file: str, out: str) -> Non
         torch.save({"HV": op @ V, "trace": hesd.trace(op, "hutchpp", num_matvecs=30, seed=2).estimate},
                    f"{out}/mixed_rank{rank}.pt")  # fmt: skip
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def failing_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -71,7 +85,7 @@ def failing_worker(rank: int, world: int, init_file: str, out: str) -> None:
         op = hesd.HessianOperator(model, CE, local, process_group=True)
         op @ torch.ones(op.shape[0], dtype=torch.float64)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def series_worker(
@@ -90,7 +104,7 @@ def series_worker(
         torch.save({"ct": res.table["ct"].tolist(), "lambda_max": res.table["lambda_max"].tolist()},
                    f"{out}/series_rank{rank}.pt")  # fmt: skip
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def token_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -104,7 +118,7 @@ def token_worker(rank: int, world: int, init_file: str, out: str) -> None:
         v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         torch.save({"hv": op @ v, "loss": op.loss(), "tokens": op.num_samples}, f"{out}/token_rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def sharded_basis_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -124,7 +138,7 @@ def sharded_basis_worker(rank: int, world: int, init_file: str, out: str) -> Non
         }
         torch.save(res, f"{out}/sharded_rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -144,7 +158,8 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
                    for n in (5, 3, 4, 2)]  # fmt: skip
-        exact = hesd.HessianOperator(copy.deepcopy(model), CE, batches)  # one process, all the data
+        unsharded = copy.deepcopy(model)
+        exact = hesd.HessianOperator(unsharded, CE, batches)  # one process, all the data
         mesh = init_device_mesh("cpu", (world,))
         for m in model:
             if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)):
@@ -157,13 +172,29 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         ref = op.local_rows(exact @ V)
         spec = hesd.slq(op, num_steps=12, num_probes=1, seed=4)
         spec_ref = hesd.slq(exact, num_steps=12, num_probes=1, seed=4)
-        torch.save({"err": float((HV - ref).norm() / ref.norm()), "rows": op.shape[0], "full": op.full_dim,
+        ends = hesd.eigenvalues(op, k=2, which="BE", tol=1e-9, return_eigenvectors=True)  # vectors sharded
+        ends_ref = hesd.eigenvalues(exact, k=2, which="BE", tol=1e-9, return_eigenvectors=True)
+        # hesd.analyze_model on the sharded model: the same row as one process on all the data
+        settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, seed=3, heldout_criteria=True)
+        row, _ = hesd.analyze_model(model, batches[rank::world], loss_fn=CE, heldout=batches[:2], settings=settings)
+        row_ref, _ = hesd.analyze_model(unsharded, batches, loss_fn=CE, heldout=batches[:2], settings=settings)
+        try:
+            hesd.analyze_model(model, batches[rank::world], loss_fn=CE,
+                               settings=hesd.AnalysisSettings(num_steps=5, params=["0.weight"]))  # fmt: skip
+            refused = ""
+        except hesd.HesdValueError as exc:
+            refused = str(exc)
+        torch.save({"ends": ends.eigenvalues.tolist(), "ends_ref": ends_ref.eigenvalues.tolist(),
+                    "vec_err": float(min((ends.eigenvectors[:, 1] - s * op.local_rows(ends_ref.eigenvectors)[:, 1])
+                                         .norm() for s in (1, -1))),
+                    "row": row, "row_ref": row_ref, "refused": refused,
+                    "err": float((HV - ref).norm() / ref.norm()), "rows": op.shape[0], "full": op.full_dim,
                     "restored": all(torch.equal(a, b) for a, b in zip(before, op.locals, strict=True)),
                     "values": spec.values[0].tolist(), "ref_values": spec_ref.values[0].tolist(),
                     "weights": spec.weights[0].tolist(), "ref_weights": spec_ref.weights[0].tolist(),
                     "samples": op.num_samples}, f"{out}/fsdp_rank{rank}.pt")  # fmt: skip
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def peer_failure_worker(rank: int, world: int, init_file: str, out: str, how: str) -> None:

@@ -99,6 +99,19 @@ def test_fsdp2_model_by_shard_local_finite_differences(tmp_path):
         assert r["err"] < 1e-8
         assert np.allclose(r["values"], r["ref_values"], rtol=1e-7, atol=1e-9)
         assert np.allclose(r["weights"], r["ref_weights"], atol=1e-7)
+        # hesd.eigenvalues on sharded vectors: one process's extremes, and this rank's rows of its eigenvectors
+        assert np.allclose(r["ends"], r["ends_ref"], rtol=1e-7) and r["vec_err"] < 1e-5
+        # hesd.analyze_model on the FSDP2 model: one process's row on all the data
+        row, ref = r["row"], r["row_ref"]
+        for key in ("lambda_max", "lambda_min", "slq_lambda_max", "trace", "heldout_lambda_max"):
+            assert abs(row[key] - ref[key]) <= 1e-6 * abs(ref["lambda_max"]), key
+        for key in ("train_loss", "grad_norm", "param_norm", "heldout_loss"):
+            assert abs(row[key] - ref[key]) <= 1e-12 * max(abs(ref[key]), 1.0), key
+        assert row["num_params"] == ref["num_params"] == r["full"] and row["num_samples"] == 14
+        assert row["hesd_type"] == ref["hesd_type"] and abs(row["ct"] - ref["ct"]) < 1e-6
+        assert np.isnan(row["sharpness_random"]) and not np.isnan(ref["sharpness_random"])
+        assert "sharded by FSDP2" in r["refused"] and "params=['0.weight']" in r["refused"]
+    assert results[0]["row"]["lambda_max"] == results[1]["row"]["lambda_max"]  # the same row on every rank
 
 
 def test_token_level_loss_ranks_weighted_by_their_tokens(tmp_path):

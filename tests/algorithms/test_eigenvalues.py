@@ -50,6 +50,44 @@ def test_eigenvalues_with_restarts_small_basis():
     assert torch.allclose(res.eigenvalues, eigs.flip(0)[:4], atol=1e-7)
 
 
+def test_thick_restart_rotates_the_basis_in_place_in_column_blocks(monkeypatch):
+    """A restart rotates the basis a block of columns at a time (no second basis in memory): blocks that
+    do not divide the dimension give the same Ritz values and vectors as one block."""
+    import hesd.algorithms.eigen as eigen
+
+    A, eigs = _indefinite(n=300, seed=4)
+    one = hesd.eigenvalues(A, k=4, which="LA", tol=1e-9, max_basis=12, max_matvecs=5000, return_eigenvectors=True)
+    monkeypatch.setattr(eigen, "_RESTART_COLUMNS", 7)
+    blocks = hesd.eigenvalues(A, k=4, which="LA", tol=1e-9, max_basis=12, max_matvecs=5000, return_eigenvectors=True)
+    assert blocks.info["restarts"] == one.info["restarts"] > 2
+    assert torch.allclose(blocks.eigenvalues, eigs.flip(0)[:4], atol=1e-7)
+    assert torch.allclose(blocks.eigenvalues, one.eigenvalues, rtol=0, atol=1e-12)
+    overlap = (blocks.eigenvectors * one.eigenvectors).sum(0).abs()  # the same vectors, up to sign
+    assert torch.allclose(overlap, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_an_operator_that_returns_its_input_is_not_updated_in_place():
+    """The recurrences update a product's output in place; an operator may hand back the very tensor it was
+    given (here the identity), which must then be copied first, or the basis would be overwritten."""
+    from hesd.operators import LinearOperator
+
+    class ReturnsItsInput(LinearOperator):
+        def __init__(self, A: torch.Tensor) -> None:
+            self.A, self.shape, self.dtype, self.device = A, tuple(A.shape), A.dtype, A.device
+
+        def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+            return V if bool((self.A == torch.eye(len(self.A), dtype=self.A.dtype)).all()) else self.A @ V
+
+    eye = ReturnsItsInput(torch.eye(30, dtype=torch.float64))
+    v0 = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = lanczos(eye, v0.clone(), 5)
+    assert r.alpha[0] == pytest.approx(1.0, abs=1e-14) and r.broke_down and len(r.alpha) == 1
+    res = hesd.eigenvalues(eye, k=2, which="BE", tol=1e-10)
+    assert res.eigenvalues.tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    spec = hesd.slq(eye, 5, 2, seed=0)
+    assert all(np.allclose(v, 1.0, atol=1e-12) for v in spec.values)
+
+
 def test_eigenvalues_repeated():
     eigs = torch.tensor([5.0, 5.0, 5.0, 2.0, 1.0, 1.0, -3.0, -3.0] + [0.5] * 40, dtype=torch.float64)
     A = random_symmetric(len(eigs), eigs, seed=5)

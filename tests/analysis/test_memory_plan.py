@@ -123,6 +123,39 @@ def test_the_estimate_matches_what_the_run_allocates(budget_mib):
     assert peak <= plan.budget
 
 
+def test_the_top_eigenvalue_phase_stays_within_the_plan():
+    """The restarted Lanczos after the SLQ gets the SLQ basis's bytes (``eigen_basis``) and, restarts
+    included, allocates no more than the plan (a restart rotates the basis in place)."""
+    model, data = _gpt2()
+    plan = plan_memory(model, None, data, num_steps=40, max_memory=4 * 2**20)
+    assert plan.basis["reorth"] == "window" and plan.footprint is not None  # the basis sized down
+    vec = plan.footprint.dim * plan.footprint.vector_item
+    assert 6 < plan.eigen_basis == plan.basis["basis_bytes"] // vec - 1 < 40
+
+    def run():
+        op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())
+        return hesd.eigenvalues(op, k=2, which="BE", tol=1e-6, max_basis=plan.eigen_basis, max_matvecs=80, warn=False)
+
+    res, peak = allocation_peak(run, CPU)
+    assert res.info["restarts"] > 0 and res.info["basis_size"] == plan.eigen_basis
+    assert peak <= 1.25 * plan.total, (plan.describe(), peak)
+
+
+def test_the_landscape_eigen_solver_is_planned_too():
+    """``loss_landscape(max_memory=...)``: the eigen solver's products and restart basis come from a plan, so it
+    stays within the budget; the directions' eigenvalues are those of the unplanned solver."""
+    from hesd.analysis.landscape import loss_landscape
+
+    model, data = _gpt2()
+    budget = 6 * 2**20
+    plan = plan_memory(model, None, data, num_steps=40, max_memory=budget)
+    assert plan.eigen_basis < 40
+    planned, peak = allocation_peak(lambda: loss_landscape(model, None, data, num=3, num_2d=2, max_memory=budget), CPU)
+    free = loss_landscape(model, None, data, num=3, num_2d=2)
+    assert peak <= 1.25 * plan.total, (plan.describe(), peak)
+    assert planned["eigenvalues"] == pytest.approx(free["eigenvalues"], rel=1e-3)
+
+
 def test_memory_is_flat_over_many_products():
     model, data = _gpt2(rows=(2, 2), length=12)
     op = hesd.HessianOperator(model, None, data)
@@ -131,7 +164,7 @@ def test_memory_is_flat_over_many_products():
     _, one = allocation_peak(lambda: op @ v, CPU)
 
     def many():
-        for _ in range(40):
+        for _ in range(100):
             op @ v
 
     _, hundred = allocation_peak(many, CPU)

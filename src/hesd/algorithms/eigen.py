@@ -17,12 +17,16 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from .lanczos import writable
 from .probes import gaussian
 from .results import EigenResult
 
 __all__ = ["eigenvalues"]
 
 _WHICH = ("LA", "SA", "BE", "LM")
+
+#: columns of the basis rotated at a time by a thick restart (so a restart holds no second basis)
+_RESTART_COLUMNS = 1 << 18
 
 
 def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -81,6 +85,12 @@ def eigenvalues(
     used: unconverged Ritz values overstate the gap, and it stopped short of ``tol``
     (BENCHMARKS.md §5).
 
+    Operators whose vectors are split across ranks (:class:`hesd.operators.sharded.ShardedOperator`,
+    :class:`hesd.operators.fsdp.FSDPHessianOperator`) are run as in one process: the random
+    start is drawn whole and cut, every inner product and norm is summed over the ranks
+    (``reduce_inner``), each rank stores its rows of the basis, and the eigenvectors returned
+    are this rank's rows.
+
     Args:
         A: symmetric operator (:class:`hesd.HessianOperator`, tensor, SciPy operator).
         k: number of eigenvalues (``1 ≤ k ≤ n``).
@@ -93,7 +103,8 @@ def eigenvalues(
         max_matvecs: give up after this many products (default ``max(500, 30 k)``); the
             result then has ``converged=False`` and a warning is issued.
         max_basis: basis size before a restart (default ``min(n, max(2k + 20, 40))``).
-        v0: start vector instead of a random one.
+        v0: start vector instead of a random one (for an operator on sharded vectors, the
+            whole vector or this rank's rows of it).
         start_hint: for ``which`` in ``"LA"``, ``"LM"``, ``"BE"`` and without ``v0``, start from
             :math:`z/\|z\| + d/\|d\|` with :math:`z` random and :math:`d` the operator's
             :meth:`~hesd.operators.LinearOperator.start_direction` (the loss gradient for a
@@ -116,7 +127,7 @@ def eigenvalues(
     """
     caller = "eigenvalues"
     op = as_operator(A, caller)
-    n = op.shape[0]
+    n = op.full_dim  # the whole dimension (each rank holds op.shape[0] rows when vectors are sharded)
     check_positive_int(k, "k", caller)
     if k > n:
         raise HesdValueError(f"{caller}: k={k} is larger than the operator's dimension {n}")
@@ -129,16 +140,28 @@ def eigenvalues(
         raise HesdValueError(f"{caller}: max_basis={max_basis} must exceed k={k}")
     max_matvecs = max_matvecs if max_matvecs is not None else max(500, 30 * k)
     dtype, device = op.dtype, op.device
-    Q = torch.zeros(m_max + 1, n, dtype=dtype, device=device)
+    rows = op.shape[0]  # this rank's rows of each vector (n unless sharded)
+    red = op.reduce_inner  # sums partial inner products over the ranks (identity unless sharded)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(red(torch.dot(x, x).reshape(1)))[0] if op.sharded else torch.linalg.vector_norm(x)
+
+    def draw(s: int) -> torch.Tensor:  # drawn whole, this rank's rows kept
+        g = gaussian(n, s, dtype, device)
+        return op.local_rows(g.unsqueeze(1)).squeeze(1) if op.sharded else g
+
+    Q = torch.zeros(m_max + 1, rows, dtype=dtype, device=device)
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
     if v0 is not None:
         q = v0.to(device=device, dtype=dtype).reshape(-1)
+        if op.sharded and q.numel() == n != rows:
+            q = op.local_rows(q.unsqueeze(1)).squeeze(1)
     else:
-        q = gaussian(n, seed, dtype, device)
+        q = draw(seed)
         hint = op.start_direction() if start_hint and which != "SA" else None
         if hint is not None:
-            q = q / torch.linalg.vector_norm(q) + hint.to(device=device, dtype=dtype) / torch.linalg.vector_norm(hint)
-    Q[0] = q / torch.linalg.vector_norm(q)
+            q = q / norm(q) + hint.to(device=device, dtype=dtype) / norm(hint)
+    Q[0] = q / norm(q)
     j = 0  # number of basis vectors with a filled column of T
     matvecs = 0
     restarts = 0
@@ -148,16 +171,16 @@ def eigenvalues(
     beta = 0.0
     converged = False
     while True:
-        w = op @ Q[j]
+        w = writable(op @ Q[j], Q)  # updated in place: no vector-sized temporaries (hesd.algorithms.lanczos)
         matvecs += 1
-        h = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h
-        h2 = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h2
+        h = red(Q[: j + 1] @ w)
+        w.addmv_(Q[: j + 1].T, h, alpha=-1)
+        h2 = red(Q[: j + 1] @ w)
+        w.addmv_(Q[: j + 1].T, h2, alpha=-1)
         h = (h + h2).to(torch.float64).cpu()
         T[: j + 1, j] = h
         T[j, : j + 1] = h
-        beta = float(torch.linalg.vector_norm(w))
+        beta = float(norm(w))
         j += 1
         theta, S = torch.linalg.eigh(T[:j, :j])
         anorm = float(theta.abs().max()) if j else 0.0
@@ -174,17 +197,17 @@ def eigenvalues(
         if beta <= 100 * eps * max(anorm, 1e-300):
             # Invariant subspace: continue with a random vector orthogonal to the basis.
             fresh += 1
-            r = gaussian(n, seed + 7919 * fresh, dtype, device)
+            r = draw(seed + 7919 * fresh)
             for _ in range(2):
-                r = r - Q[:j].T @ (Q[:j] @ r)
-            nr = torch.linalg.vector_norm(r)
+                r.addmv_(Q[:j].T, red(Q[:j] @ r), alpha=-1)
+            nr = norm(r)
             if nr <= eps * math.sqrt(n):
                 converged = True  # the basis spans the whole space
                 break
             w, beta = r, 0.0
             q_next = r / nr
         else:
-            q_next = w / beta
+            q_next = w.div_(beta)
         if j < m_max:
             Q[j] = q_next
             continue
@@ -192,8 +215,9 @@ def eigenvalues(
         restarts += 1
         keep = min(j - 1, max(k + (m_max - k) // 2, k + 1))
         order = _order(theta, which)[:keep]
-        Y = S[:, order].to(dtype=dtype, device=device)
-        Q[:keep] = (Y.T @ Q[:j]).clone()
+        Yt = S[:, order].T.to(dtype=dtype, device=device)
+        for c in range(0, rows, _RESTART_COLUMNS):  # in place, a block of columns at a time: no second basis
+            Q[:keep, c : c + _RESTART_COLUMNS] = Yt @ Q[:j, c : c + _RESTART_COLUMNS]
         coupling = beta * S[j - 1, order]
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[order])

@@ -19,7 +19,12 @@ from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
 
-__all__ = ["LanczosResult", "lanczos", "lanczos_lockstep"]
+__all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "writable"]
+
+# _IN_PLACE: every vector-sized update of a step is made in place. On the CPU a vector of a
+# large model is above glibc's largest mmap threshold (32 MiB), so each fresh temporary is
+# mapped, page-faulted in and unmapped: at 124 M parameters about 0.3 s per temporary, 3 s of
+# vector work per step against 0.2 s in place (BENCHMARKS.md §9).
 
 
 @dataclass
@@ -68,11 +73,18 @@ class _Basis:
 
     @property
     def exact(self) -> bool:
-        """Whether every basis vector is stored exactly (full, in the operator's dtype and device).
+        """Whether the stored vectors are exact, in the operator's dtype and device.
 
-        Then :meth:`project` can take the recurrence coefficients from the projection itself.
+        A full basis, or a window that holds at least :math:`q_{j-1}` and :math:`q_j`. Then
+        :meth:`project` can take the recurrence coefficients from the projection itself.
         """
-        return self.reorth == "full" and self.dtype == self.op_dtype and self.device == self.op_device
+        stored = self.reorth == "full" or (self.reorth == "window" and self.size >= 2)
+        return stored and self.dtype == self.op_dtype and self.device == self.op_device
+
+    def _slot(self, back: int) -> int:
+        """The slot of :math:`q_{j-back}` (``back`` = 0: the latest vector added)."""
+        i = self.count - 1 - back
+        return i % self.size if self.reorth == "window" else i
 
     def orthogonalise(self, W: torch.Tensor) -> torch.Tensor:
         """Remove from each row of ``W`` (``(b, n)``) its components along that probe's basis."""
@@ -80,16 +92,16 @@ class _Basis:
             return W
         Q = self.store[:, : min(self.count, self.size)].to(device=self.op_device, dtype=self.op_dtype)
         for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
-            W = W - torch.bmm(Q.transpose(1, 2), self.reduce(torch.bmm(Q, W.unsqueeze(2)))).squeeze(2)
+            _subtract(W, Q, self.reduce(torch.bmm(Q, W.unsqueeze(2))))
         return W
 
     def project(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Full re-orthogonalisation that also yields :math:`\alpha_j` (only when :attr:`exact`).
 
-        Classical Gram-Schmidt twice on :math:`w = A q_j`, the first pass local, the second
-        full:
+        Gram-Schmidt twice on :math:`w = A q_j`, the first pass local, the second over every
+        stored vector (the whole basis, or with ``reorth="window"`` the window):
 
-        1. against :math:`q_{j-1}, q_j` only: coefficients :math:`h`, whose last entry is
+        1. against :math:`q_{j-1}`, then :math:`q_j`: coefficients :math:`h`, whose last entry is
            :math:`\alpha_j = q_j^\top A q_j` (the other is :math:`\beta_{j-1}`). This is the
            three-term recurrence written as a projection. Along every older :math:`q_i`,
            :math:`q_i^\top A q_j = (A q_i)^\top q_j` is of order :math:`\epsilon\|A\|`,
@@ -110,15 +122,18 @@ class _Basis:
 
         Returns the orthogonalised ``W`` and ``alpha``.
         """
-        assert self.store is not None  # project() runs only with a full basis (exact)
-        Q = self.store[:, : self.count]
-        local = Q[:, -2:]  # q_{j-1}, q_j: the only directions with O(1) components in A q_j
-        W3 = W.unsqueeze(2)
-        h = self.reduce(torch.bmm(local, W3))
-        W3 = torch.baddbmm(W3, local.transpose(1, 2), h, alpha=-1)
-        h2 = self.reduce(torch.bmm(Q, W3))
-        W3 = torch.baddbmm(W3, Q.transpose(1, 2), h2, alpha=-1)
-        return W3.squeeze(2), (h[:, -1, 0] + h2[:, -1, 0])
+        assert self.store is not None  # project() runs only with stored vectors (exact)
+        alpha = torch.zeros(W.shape[0], 1, 1, dtype=W.dtype, device=W.device)
+        for back in (1, 0) if self.count >= 2 else (0,):  # q_{j-1}, q_j: the O(1) components of A q_j
+            q = self.store[:, self._slot(back)].unsqueeze(1)
+            h = self.reduce(torch.bmm(q, W.unsqueeze(2)))
+            _subtract(W, q, h)
+            if back == 0:
+                alpha += h
+        Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
+        h2 = self.reduce(torch.bmm(Q, W.unsqueeze(2)))
+        _subtract(W, Q, h2)
+        return W, (alpha[:, 0, 0] + h2[:, self._slot(0), 0])
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.store is not None:
@@ -129,7 +144,32 @@ def _norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     """Row norms of ``X``; for sharded vectors the square root of the summed partial squares."""
     if not op.sharded:
         return torch.linalg.vector_norm(X, dim=1)
-    return torch.sqrt(op.reduce_inner((X * X).sum(dim=1)))
+    return torch.sqrt(op.reduce_inner(_dots(X, X)))
+
+
+def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``W[i] -= Q[i]ᵀ h[i]`` for each row ``i``, in place (``W`` ``(b, n)``, ``Q`` ``(b, k, n)``, ``h`` ``(b, k, 1)``).
+
+    One ``addmv_`` per row: ``baddbmm_`` on the CPU computes into a new vector-sized buffer and
+    copies it back, which at 124 M parameters costs more than the product it replaces.
+    """
+    for i in range(W.shape[0]):
+        W[i].addmv_(Q[i].T, h[i, :, 0], alpha=-1)
+    return W
+
+
+def _dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products of ``(b, n)`` tensors, without a ``(b, n)`` temporary."""
+    return torch.bmm(X.unsqueeze(1), Y.unsqueeze(2)).reshape(-1)
+
+
+def writable(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``W`` (an operator's output), ready to be updated in place.
+
+    Copied only if it shares memory with the operator's input ``Q`` (an operator may return its
+    input, e.g. the identity).
+    """
+    return W.clone() if W.untyped_storage().data_ptr() == Q.untyped_storage().data_ptr() else W
 
 
 def lanczos(
@@ -267,12 +307,13 @@ def lanczos_lockstep(
     broke = [False] * b
     for j in range(num_steps):
         basis.add(Q)
-        W = (op @ Q.T).T
+        W = writable((op @ Q.T).T.contiguous(), Q)  # updated in place below (_IN_PLACE)
         if exact:
             W, alpha = basis.project(W)
         else:
-            alpha = op.reduce_inner((Q * W).sum(dim=1))
-            W = W - alpha[:, None] * Q - beta_prev[:, None] * Q_prev
+            alpha = op.reduce_inner(_dots(Q, W))
+            W.addcmul_(Q, alpha[:, None].to(W.dtype), value=-1)
+            W.addcmul_(Q_prev, beta_prev[:, None].to(W.dtype), value=-1)
             W = basis.orthogonalise(W)
         beta = _norms(W, op)
         keep: list[int] = []
@@ -303,7 +344,7 @@ def lanczos_lockstep(
             Q, W, beta = Q[rows], W[rows], beta[rows]
             basis.keep(rows)
             active = [active[r] for r in keep]
-        Q_prev, Q, beta_prev = Q, W / beta[:, None], beta
+        Q_prev, Q, beta_prev = Q, W.div_(beta[:, None]), beta
     return [
         LanczosResult(
             alpha=torch.tensor(alphas[p], dtype=torch.float64),

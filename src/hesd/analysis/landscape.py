@@ -26,8 +26,11 @@ from ..algorithms.eigen import eigenvalues
 from ..operators import HessianOperator, model_state
 from ..operators.data import as_reiterable
 from ..operators.model_loss import mean_loss
+from .memory_plan import plan_memory
 
 __all__ = ["filter_normalized_direction", "loss_landscape"]
+
+_BASIS = 40  # hesd.eigenvalues' default restart basis for k=2: what a plan sizes down
 
 
 def filter_normalized_direction(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -57,6 +60,7 @@ def loss_landscape(
     seed: int = 0,
     model_mode: str = "eval",
     hvp_method: str = "auto",
+    max_memory: int | None = None,
 ) -> dict:
     r"""1-D and 2-D slices of the mean loss along the top-2 Hessian eigenvectors and 2 random directions.
 
@@ -72,14 +76,26 @@ def loss_landscape(
         seed: seed of the eigen solver and the random directions.
         model_mode: ``"eval"`` or ``"train"``.
         hvp_method: the product method of the eigen solver (see :class:`hesd.HessianOperator`).
+        max_memory: bytes the eigen solver may allocate beyond the model and the data. Given,
+            :func:`hesd.analysis.memory_plan.plan_memory` chooses its products and its restart
+            basis (:attr:`~hesd.analysis.memory_plan.MemoryPlan.eigen_basis`, at most the default
+            40 vectors) as for a 40-step SLQ. ``None``: exact products and 40 basis vectors.
 
     Returns:
         A JSON-ready dict with ``loss0``, ``eigenvalues``, and for ``"eigen"`` and ``"random"``:
         ``t`` (1-D coordinates), ``curves`` (two 1-D loss arrays), ``grid`` (2-D coordinates)
         and ``surface`` (2-D loss array).
     """
-    op = HessianOperator(model, loss_fn, data, model_mode=model_mode, hvp_method=hvp_method)
-    top = eigenvalues(op, k=2, which="LA", tol=1e-4, seed=seed, return_eigenvectors=True, warn=False)
+    data = as_reiterable(data, "loss_landscape")  # read more than once
+    op_kw: dict[str, Any] = {"hvp_method": hvp_method}
+    max_basis = None
+    if max_memory is not None:
+        plan = plan_memory(model, loss_fn, data, num_steps=_BASIS, max_memory=max_memory, hvp_method=hvp_method,
+                           model_mode=model_mode)  # fmt: skip
+        op_kw, max_basis = plan.operator_kwargs(), plan.eigen_basis
+    op = HessianOperator(model, loss_fn, data, model_mode=model_mode, **op_kw)
+    top = eigenvalues(op, k=2, which="LA", tol=1e-4, seed=seed, return_eigenvectors=True, warn=False,
+                      max_basis=max_basis)  # fmt: skip
     lam = [float(v) for v in top.eigenvalues]
     layout = op.layout
     names = layout.names
@@ -87,7 +103,6 @@ def loss_landscape(
     assert top.eigenvectors is not None  # asked for
     eig_dirs = [layout.as_dict(layout.unflatten(top.eigenvectors[:, i])) for i in range(2)]
     rand_dirs = [filter_normalized_direction(base, seed + 1 + i) for i in range(2)]
-    data = as_reiterable(data, "loss_landscape")
     t_max = math.sqrt(2 * delta / lam[0]) if lam[0] > 0 else 1.0
 
     def loss_at(d1, d2, a: float, b: float) -> float:

@@ -132,13 +132,15 @@ class MemoryPlan:
         """``max_basis`` for :func:`hesd.eigenvalues` after the SLQ, 6 to 40 vectors.
 
         Sized to the SLQ basis's bytes (the two bases are never alive together): restarted
-        Lanczos holds ``max_basis + 1`` vectors and, while restarting, half as many again.
+        Lanczos holds ``max_basis + 1`` vectors (a restart rotates them in place, a block of
+        columns at a time). Below 6 it converges too slowly to be worth the memory saved, so 6
+        is the floor even where it exceeds the SLQ basis.
         """
         fp = self.footprint
         if fp is None:
             return 40
         fit = self.basis["basis_bytes"] // max(fp.dim * fp.vector_item, 1)
-        return int(max(6, min(40, (fit - 1) / 1.5)))  # the basis, one more vector, and a restart's half
+        return int(max(6, min(40, fit - 1)))  # the basis and the next vector
 
     def slq_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesd.slq` (one probe at a time: the basis is for one)."""

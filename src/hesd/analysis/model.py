@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from ..algorithms.eigen import eigenvalues
-from ..algorithms.slq import slq
+from ..algorithms.slq import plan_basis, slq
 from ..algorithms.spectrum import Spectrum
 from ..collectives import rank_and_world
 from ..errors import HesdValueError
 from ..operators import HessianOperator, ParameterLayout
 from ..operators.data import ModelCall, as_reiterable
 from ..operators.forward import model_state
+from ..operators.fsdp import FSDPHessianOperator, is_fsdp_model
 from ..operators.loss import PairLoss
 from ..operators.model_loss import loss_contract, mean_loss
 from ..operators.sharded import ShardedOperator
@@ -36,8 +37,31 @@ logger = logging.getLogger("hesd")
 def _tight(s: AnalysisSettings, layout: ParameterLayout) -> bool:
     """Whether the full Lanczos basis alone would take most of the free memory (then a plan is made)."""
     lockstep = min(s.num_probes, 8 if layout.device.type == "cuda" else 1)  # HessianOperator.default_lockstep
-    basis = s.num_steps * layout.dim * max(layout.dtype.itemsize, 4) * lockstep
+    dtype = layout.dtype if layout.dtype.itemsize >= 4 else torch.float32  # half models: products in float32
+    basis = plan_basis(layout.dim, s.num_steps, dtype, 2**62)["basis_bytes"] * lockstep
     return basis + LANCZOS_VECTORS * layout.dim * 8 > 0.8 * available_memory(layout.device)
+
+
+def _norm(op: Any, v: torch.Tensor) -> float:
+    """The Euclidean norm of a whole vector of which ``v`` is this rank's rows (``v`` itself unless sharded)."""
+    return float(torch.sqrt(op.reduce_inner((v.double() ** 2).sum().reshape(1)))[0])
+
+
+def _fsdp_operator(model: nn.Module, loss_fn: Any, data: Any, s: AnalysisSettings, process_group: Any) -> Any:
+    """The operator for a model sharded by FSDP2: shard-local finite differences, vectors sharded like it."""
+    refused = {"process_group": process_group is not None, f"params={s.params!r}": bool(s.params),
+               f"hvp_method={s.hvp_method!r}": s.hvp_method not in ("auto", "finite_difference"),
+               f"model_mode={s.model_mode!r}": s.model_mode != "eval"}  # fmt: skip
+    if any(refused.values()):
+        raise HesdValueError(
+            f"analyze_model: the model is sharded by FSDP2 (fully_shard), which takes "
+            f"{', '.join(k for k, v in refused.items() if v)} not: its products are shard-local finite differences "
+            "of all its parameters in eval mode over the ranks of its device mesh. Leave these at their defaults "
+            "(the mesh's ranks are the data-parallel group), or analyse an unsharded copy"
+        )
+    if s.max_memory is not None:
+        logger.info("hesd: an FSDP2 model is not planned (max_memory): its basis is already divided like its shards")
+    return FSDPHessianOperator(model, loss_fn, data)
 
 
 def _heldout_eval(model: nn.Module, data: Iterable, loss_fn: Any, device, dtype) -> dict[str, float]:
@@ -95,6 +119,14 @@ def analyze_model(
     :mod:`hesd.distributed`); every rank returns the same row. Held-out metrics are computed
     on each rank's ``heldout`` as given (pass the whole held-out set on every rank).
 
+    A model sharded by FSDP2 (``fully_shard``, under ``torchrun``) is recognised: each rank
+    passes its shard of ``data`` and no ``process_group`` (the ranks are the model's device
+    mesh); products are shard-local finite differences
+    (:class:`hesd.operators.fsdp.FSDPHessianOperator`), the Lanczos basis is sharded like the
+    parameters, and every rank returns the row one process would compute on all the data.
+    ``sharpness_random`` is NaN there (the perturbed loss would need every rank's data); the
+    held-out criteria use the whole held-out set on every rank.
+
     Returns:
         ``(row, spectrum)``: ``row`` holds λmin, λmax, trace (SLQ estimate ± standard error
         over probes), re, KH05, Khn, Ct (with spreads), HESD type, stability, loss,
@@ -113,18 +145,22 @@ def analyze_model(
     """
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
-    layout = ParameterLayout.select(model, list(s.params) if s.params else None, "analyze_model")
-    names = layout.names if s.params else None
+    data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None or is_fsdp_model(model))
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
     op_kw: dict[str, Any] = {"hvp_method": s.hvp_method}
-    plan = None
-    data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None)  # read more than once
-    if s.max_memory is not None or _tight(s, layout):
-        plan = plan_for_settings(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
-        slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
+    plan, names = None, None
+    op: Any
+    if is_fsdp_model(model):
+        op = _fsdp_operator(model, loss_fn, data, s, process_group)
+    else:
+        layout = ParameterLayout.select(model, list(s.params) if s.params else None, "analyze_model")
+        names = layout.names if s.params else None
+        if s.max_memory is not None or _tight(s, layout):
+            plan = plan_for_settings(model, loss_fn, data, s, names, rank_and_world(process_group)[1])
+            slq_kw, op_kw = plan.slq_kwargs(), plan.operator_kwargs()
+        op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group,
+                             params=names, **op_kw)  # fmt: skip
     basis_kw = dict(slq_kw)
-    op = HessianOperator(model, loss_fn, data, model_mode=s.model_mode, process_group=process_group, params=names,
-                         **op_kw)  # fmt: skip
     if s.stop_tol is not None:
         slq_kw.update(stop_tol=s.stop_tol, stop_on=lambda v, w: probe_summary(v, w, s.n))
     # Data parallel: each rank keeps its block of every Lanczos vector (the basis divided by the world).
@@ -141,8 +177,8 @@ def analyze_model(
         row["stable_step"] = 2.0 / hi if hi > 0 else math.inf
         if s.lr is not None:
             row["eos_ratio"] = s.lr * hi / 2
-    dim = spec.dim if spec.dim is not None else op.shape[0]
-    row["param_norm"] = float(torch.linalg.vector_norm(op.layout.vector().double()))
+    dim = spec.dim if spec.dim is not None else op.full_dim
+    row["param_norm"] = _norm(op, op.vector() if op.sharded else op.layout.vector())
     row["type_reason"] = undetermined_reason(row["lambda_min"], row["lambda_max"], row["param_norm"], s.num_steps,
                                              dim, s.zero_curvature) or None  # fmt: skip
     if row["type_reason"]:
@@ -152,21 +188,25 @@ def analyze_model(
     row["trace_se"] = float(np.std(per_probe_trace, ddof=1) / math.sqrt(len(per_probe_trace))) \
         if len(per_probe_trace) > 1 else math.nan  # fmt: skip
     row["train_loss"] = op.loss()
-    row["grad_norm"] = float(torch.linalg.vector_norm(op.gradient()))
-    row["num_params"] = op.shape[0]
+    row["grad_norm"] = _norm(op, op.gradient())
+    row["num_params"] = op.full_dim
     row["num_samples"] = op.num_samples
-    row["sharpness_random"] = math.nan  # data parallel: each rank holds a shard, and the loss is local
-    if s.sharpness_draws and process_group is None:
+    row["sharpness_random"] = math.nan  # data parallel or FSDP: each rank holds a shard, and the loss is local
+    if s.sharpness_draws and process_group is None and not op.sharded:
         row["sharpness_random"] = random_sharpness(model, loss_fn, data, draws=s.sharpness_draws, seed=s.seed,
                                                    params=names, model_mode=s.model_mode)  # fmt: skip
     metrics: dict[str, float] = {}
     if evaluate is not None:
         metrics = {f"heldout_{k}" if not k.startswith("heldout_") else k: float(v) for k, v in evaluate(model).items()}
     elif heldout is not None:
-        metrics = _heldout_eval(model, heldout, loss_fn, op.device, op.layout.dtype)
+        metrics = _heldout_eval(model, heldout, loss_fn, op.device, op.dtype if op.sharded else op.layout.dtype)
     row.update(metrics)
     if s.heldout_criteria and heldout is not None:
-        hop = HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode, **op_kw)  # held-out: local
+        hop = (
+            FSDPHessianOperator(model, loss_fn, heldout)
+            if op.sharded  # every rank the whole held-out set
+            else HessianOperator(model, loss_fn, heldout, model_mode=s.model_mode, **op_kw)
+        )  # held-out: local
         hspec = slq(hop, s.num_steps, s.num_probes, seed=s.seed, **basis_kw)
         hcrit = criteria(hspec, s.n, s.ct_threshold, aggregate=s.aggregate, zero_band=s.zero_band, lr=s.lr)
         row.update({k: v for k, v in compare_criteria(crit, hcrit).items() if not k.startswith("train_")})

@@ -132,8 +132,12 @@ def store_landscape(
     dtype: Any = None,
     seed: int = 0,
     hvp_method: str = "auto",
+    max_memory: int | None = None,
 ) -> dict | None:
-    """Compute the loss landscape of the paper's pick (else the λmax pick) and store ``landscape.json``."""
+    """Compute the loss landscape of the paper's pick (else the λmax pick) and store ``landscape.json``.
+
+    ``max_memory`` (the analysis's ``--max-memory``) bounds its eigen solver as it bounded the analysis.
+    """
     for rule in ("highest_ct_mp", "smallest_lambda_max"):
         ckpt = selections.get(rule, {}).get("checkpoint")
         if ckpt:
@@ -151,7 +155,8 @@ def store_landscape(
         model = model.to(dtype)
     if kind is None:
         apply_state_dict(model, load_state_dict(ckpt, trust_pickle=trust_pickle), ckpt)
-    land = loss_landscape(model, loss_fn, data, seed=seed, model_mode=model_mode, hvp_method=hvp_method)
+    land = loss_landscape(model, loss_fn, data, seed=seed, model_mode=model_mode, hvp_method=hvp_method,
+                          max_memory=max_memory)  # fmt: skip
     land.update(checkpoint=str(ckpt), rule=rule)
     store = ResultStore.open_existing(out_dir)
     store.write_json("landscape.json", land)

@@ -298,7 +298,8 @@ def analyze(
     if landscape and ok.any():
         store_landscape(out, factory, train_data, loss_fn, res.selections, model_mode=settings.model_mode,
                         trust_pickle=trust_pickle, dtype=getattr(torch, settings.dtype) if settings.dtype else None,
-                        seed=settings.seed, hvp_method=settings.hvp_method)  # fmt: skip
+                        seed=settings.seed, hvp_method=settings.hvp_method,
+                        max_memory=settings.max_memory)  # fmt: skip
     report_path = None
     if report and ok.any():
         from .report import build_report

@@ -191,10 +191,7 @@ def init_distributed(enabled: bool, device: str | None) -> tuple[Any, int]:
         except ValueError:
             fail(f"HESD_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
         dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
-        # Tear the group down before the interpreter exits: without it gloo's threads can be
-        # destroyed mid-flight ("terminate called without an active exception"), seen once in
-        # tests/test_distributed.py::test_cli_under_torchrun.
-        atexit.register(destroy_group)
+        atexit.register(destroy_group)  # after every rank got there (destroy_group)
     from ..distributed import note_peers
 
     note_peers(dist.group.WORLD)  # so a rank that dies or hangs can be named (explain_failure)
@@ -214,11 +211,31 @@ def fail_collective(exc: RuntimeError) -> None:
     fail(message, code=EXIT_PARTIAL)
 
 
+#: seconds a rank waits at exit for the others to reach their own teardown (gloo)
+TEARDOWN_WAIT = 10.0
+
+
 def destroy_group() -> None:
+    """Tear the process group down at exit, once every rank has got there (gloo: a bounded wait).
+
+    A rank that tore its gloo group down while a peer was still finishing aborted that peer
+    ("terminate called without an active exception", SIGABRT), seen in
+    ``tests/test_distributed.py::test_cli_under_torchrun``; ``monitored_barrier`` makes the ranks
+    reach the teardown together. A rank that failed or hangs costs the others at most
+    ``TEARDOWN_WAIT`` seconds. NCCL has no bounded barrier, so it is torn down at once.
+    """
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if dist.is_initialized():  # no barrier: a rank that failed must not keep the others waiting
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=TEARDOWN_WAIT))
+        except RuntimeError:  # a peer failed or is stopped: tear down regardless
+            pass
+    dist.destroy_process_group()
 
 
 def print_summary(table, selections) -> None:

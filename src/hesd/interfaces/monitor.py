@@ -194,7 +194,8 @@ class Monitor:
 
             try:
                 store_landscape(self.out_dir, factory, self.data, self.loss_fn, self.selections,
-                                model_mode=self.settings.model_mode, seed=self.settings.seed)  # fmt: skip
+                                model_mode=self.settings.model_mode, seed=self.settings.seed,
+                                max_memory=self.settings.max_memory)  # fmt: skip
             except Exception as exc:  # the report is still written
                 warnings.warn(f"Monitor: landscape skipped ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
         if self._writer is not None:

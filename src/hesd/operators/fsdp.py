@@ -53,7 +53,16 @@ from .loss import LossBatch, LossContract
 from .model_loss import loss_contract
 from .sharded import RankShards
 
-__all__ = ["FSDPHessianOperator"]
+__all__ = ["FSDPHessianOperator", "is_fsdp_model"]
+
+
+def is_fsdp_model(model: nn.Module) -> bool:
+    """Whether ``model``'s trainable parameters are FSDP2 shards (``DTensor``; ``fully_shard`` was called on it)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch without DTensor
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
 
 
 def _sharded_params(model: nn.Module) -> list[Any]:
@@ -137,6 +146,19 @@ class FSDPHessianOperator(RankShards, LinearOperator):
             out.append(V[offset + start * inner : offset + (start + here) * inner])
             offset += p.numel()
         return torch.cat(out)
+
+    def vector(self) -> torch.Tensor:
+        """This rank's shard of the parameters, as one vector (rows as in :meth:`local_rows`)."""
+        return torch.cat([t.reshape(-1) for t in self.locals])
+
+    def loss(self) -> float:
+        """The loss over all ranks' data: the mean over every loss-bearing item (every rank gets it)."""
+        total = 0.0
+        with torch.no_grad(), model_state(self.model, "eval", math_attention=False):
+            for batch in self.batches:
+                loss = self.contract.loss(ModelCall(self.model), batch)
+                total += float(loss) * self.contract.weight(batch.count, self.num_samples)
+        return float(self.reduce_inner(torch.tensor([total], dtype=torch.float64))[0])
 
     # ------------------------------------------------------------------ products
     def gradient(self) -> torch.Tensor:
