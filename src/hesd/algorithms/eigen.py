@@ -17,7 +17,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
-from .lanczos import writable
+from .lanczos import row_norms, writable
 from .probes import gaussian
 from .results import EigenResult
 
@@ -144,7 +144,7 @@ def eigenvalues(
     red = op.reduce_inner  # sums partial inner products over the ranks (identity unless sharded)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(red(torch.dot(x, x).reshape(1)))[0] if op.sharded else torch.linalg.vector_norm(x)
+        return row_norms(x.unsqueeze(0), op)[0]
 
     def draw(s: int) -> torch.Tensor:  # drawn whole, this rank's rows kept
         g = gaussian(n, s, dtype, device)

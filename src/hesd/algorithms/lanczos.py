@@ -19,7 +19,7 @@ from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
 
-__all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "writable"]
+__all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
 # _IN_PLACE: every vector-sized update of a step is made in place. On the CPU a vector of a
 # large model is above glibc's largest mmap threshold (32 MiB), so each fresh temporary is
@@ -123,24 +123,21 @@ class _Basis:
         Returns the orthogonalised ``W`` and ``alpha``.
         """
         assert self.store is not None  # project() runs only with stored vectors (exact)
-        alpha = torch.zeros(W.shape[0], 1, 1, dtype=W.dtype, device=W.device)
         for back in (1, 0) if self.count >= 2 else (0,):  # q_{j-1}, q_j: the O(1) components of A q_j
             q = self.store[:, self._slot(back)].unsqueeze(1)
-            h = self.reduce(torch.bmm(q, W.unsqueeze(2)))
+            h = self.reduce(torch.bmm(q, W.unsqueeze(2)))  # the last, along q_j, is alpha_j
             _subtract(W, q, h)
-            if back == 0:
-                alpha += h
         Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
         h2 = self.reduce(torch.bmm(Q, W.unsqueeze(2)))
         _subtract(W, Q, h2)
-        return W, (alpha[:, 0, 0] + h2[:, self._slot(0), 0])
+        return W, (h[:, 0, 0] + h2[:, self._slot(0), 0])
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.store is not None:
             self.store = self.store[rows.to(self.device)]
 
 
-def _norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     """Row norms of ``X``; for sharded vectors the square root of the summed partial squares."""
     if not op.sharded:
         return torch.linalg.vector_norm(X, dim=1)
@@ -293,7 +290,7 @@ def lanczos_lockstep(
     basis = _Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
     exact = basis.exact
     Q = V0.to(device=op.device, dtype=op.dtype).T.contiguous()
-    norms = _norms(Q, op)
+    norms = row_norms(Q, op)
     if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
         raise HesdValueError(f"{caller}: start vectors must be finite and non-zero")
     Q = Q / norms[:, None]
@@ -315,7 +312,7 @@ def lanczos_lockstep(
             W.addcmul_(Q, alpha[:, None].to(W.dtype), value=-1)
             W.addcmul_(Q_prev, beta_prev[:, None].to(W.dtype), value=-1)
             W = basis.orthogonalise(W)
-        beta = _norms(W, op)
+        beta = row_norms(W, op)
         keep: list[int] = []
         for row, (p, a, bt) in enumerate(zip(active, alpha.tolist(), beta.tolist(), strict=True)):
             if not math.isfinite(bt) or not math.isfinite(a):

@@ -145,12 +145,13 @@ def analyze_model(
     """
     s = settings or AnalysisSettings()
     t0 = time.perf_counter()
-    data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None or is_fsdp_model(model))
+    fsdp = is_fsdp_model(model)
+    data = as_reiterable(data, "analyze_model", allow_empty=process_group is not None or fsdp)
     slq_kw: dict[str, Any] = {"reorth": s.reorth, "window": s.window}
     op_kw: dict[str, Any] = {"hvp_method": s.hvp_method}
     plan, names = None, None
     op: Any
-    if is_fsdp_model(model):
+    if fsdp:
         op = _fsdp_operator(model, loss_fn, data, s, process_group)
     else:
         layout = ParameterLayout.select(model, list(s.params) if s.params else None, "analyze_model")
