@@ -3,8 +3,8 @@
 Runs top-5 (``tol=1e-3``) twice in one process on ResNet-20 (``--trained``: the model cached by
 ``compare.py --trained``) and prints every product's seconds, then the process's user and system
 CPU time. ``--tune`` calls :func:`hesd.tune_cpu_allocator` first (what the ``hesd`` command line
-does); the environment variables ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and
-``MALLOC_TOP_PAD_`` give the same settings from outside (BENCHMARKS.md §4).
+does); the environment variables of :func:`hesd.allocator.environment` give the same settings
+from outside (BENCHMARKS.md §4).
 
     python benchmarks/allocator.py --trained             # glibc defaults
     python benchmarks/allocator.py --trained --tune      # tuned in the process

@@ -515,10 +515,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} threads"
     state = "trained (--trained)" if args.trained else "at initialisation"
     if args.tune_allocator:  # inherited by every cell's process, whichever tool it runs
-        from hesd.allocator import MMAP_THRESHOLD, TOP_PAD, TRIM_THRESHOLD
+        from hesd.allocator import environment
 
-        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD),
-                          MALLOC_TOP_PAD_=str(TOP_PAD))  # fmt: skip
+        os.environ.update(environment())
     notes = f"; fastest of {args.rounds} rounds" if args.rounds > 1 else ""
     notes += "; glibc malloc tuned for every tool (--tune-allocator)" if args.tune_allocator else ""
     print(f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores; models {state}; one subprocess per cell"

@@ -16,13 +16,17 @@ own. Per run, as far as the tool can go:
   prints; PyHessian ``density(iter=30)``; eigenthings ``spectral_density``; curvlinops has no
   per-probe Ritz weights);
 * ``RSS GiB`` — peak resident memory of the process; for hesd also the plan's estimate against
-  the measured growth of resident memory during the analysis.
+  the measured growth of resident memory during the analysis; ``GPU GiB`` (``--device cuda``) —
+  the GPU's peak allocation over the measured phases;
+* ``--float64`` — hesd also finds the top three eigenvalues of the same model in float64, the
+  reference that float32 runs cannot settle (on a GPU, seconds).
 
 The peers need SDPA's math kernel (``attn_implementation="eager"``): the fused CPU kernel
 ``transformers`` picks has no second derivative and no forward-mode rule.
 
     python benchmarks/scale.py --sizes 10M 40M 124M          # hours on 2 CPU cores
     python benchmarks/scale.py --quick                        # smoke: a 1 M model, hesd only
+    python benchmarks/scale.py --device cuda --sizes 124M --max-memory free --float64   # on a GPU
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -39,12 +44,12 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SIZES = {"1M": (64, 2, 2, 512), "10M": (192, 4, 4, 50257), "40M": (512, 4, 8, 50257), "124M": (768, 12, 12, 50257)}
 TOOLS = ("hesd", "eigenthings", "pyhessian", "curvlinops")
 LENGTH, ROWS, STEPS = 128, 4, 30
+DEVICE = torch.device("cpu")  # the child's device (--device); on a GPU each phase also reports the GPU's peak memory
 
 
 def rss_gib() -> float:
@@ -66,9 +71,14 @@ def build(size: str, eager: bool):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     if eager:
         cfg._attn_implementation = "eager"
-    model = tf.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, vocab, (ROWS, LENGTH), generator=torch.Generator().manual_seed(1))
+    model = tf.GPT2LMHeadModel(cfg).eval().to(DEVICE)
+    ids = torch.randint(0, vocab, (ROWS, LENGTH), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     return model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class Logits(nn.Module):
@@ -115,8 +125,12 @@ def phase(name: str, r: dict, key: str | None = None):
     """Time one phase; print it as soon as it ends (``PHASE`` line: seconds, RSS at its start, peak, end)."""
     global _SAMPLER
     _SAMPLER = _SAMPLER or _Sampler()
+    sync()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     start, t, ru = _SAMPLER.reset(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     yield
+    sync()
     secs = time.perf_counter() - t
     ru2 = resource.getrusage(resource.RUSAGE_SELF)
     _SAMPLER.peak = max(_SAMPLER.peak, current_rss())
@@ -126,6 +140,9 @@ def phase(name: str, r: dict, key: str | None = None):
         {"phase": name, "s": secs, "start GiB": start / 2**30, "peak GiB": _SAMPLER.peak / 2**30,
          "end GiB": current_rss() / 2**30, "user s": ru2.ru_utime - ru.ru_utime,
          "system s": ru2.ru_stime - ru.ru_stime, "page faults": ru2.ru_minflt - ru.ru_minflt})  # fmt: skip
+    if DEVICE.type == "cuda":
+        r["phases"][-1]["GPU peak GiB"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
+        r["GPU GiB"] = max(r.get("GPU GiB", 0.0), r["phases"][-1]["GPU peak GiB"])
     print("PHASE " + json.dumps(r["phases"][-1]), flush=True)
     partial(r)
 
@@ -160,7 +177,7 @@ def run_hesd(size: str, a) -> dict:
     with phase("gradient", r, "grad s"):
         torch.autograd.grad(model(**batch).loss, params)
     op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())  # within the plan's memory
-    v = torch.randn(op.shape[0])
+    v = torch.randn(op.shape[0], device=DEVICE)
     with phase("first product", r):
         op @ v  # first-order pass (graphs kept as the plan allows)
     with phase("product", r, "HVP s"):
@@ -177,7 +194,10 @@ def run_hesd(size: str, a) -> dict:
         top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
     if a.reference is not None:  # given: not recomputed
-        return r | {"reference": a.reference, "RSS GiB (measured phases)": max(p["peak GiB"] for p in r["phases"])}
+        return float64_reference(model, batch, r, a) | {
+            "reference": a.reference,
+            "RSS GiB (measured phases)": max(p["peak GiB"] for p in r["phases"]),
+        }
     del top
     n0 = op.num_matvecs
     r["RSS GiB (measured phases)"] = max(p["peak GiB"] for p in r["phases"])
@@ -187,97 +207,38 @@ def run_hesd(size: str, a) -> dict:
         ref = hesd.eigenvalues(op, k=2, tol=a.ref_tol, warn=False, max_basis=16, seed=1, max_matvecs=150)
     r["reference"], r["reference HVPs"] = float(ref.eigenvalues[0]), op.num_matvecs - n0
     r["reference second"], r["reference converged"] = float(ref.eigenvalues[1]), bool(ref.converged)
-    return r
+    return float64_reference(model, batch, r, a)
 
 
-def run_eigenthings(size: str, a) -> dict:
-    import hessian_eigenthings as he
+def float64_reference(model, batch: dict, r: dict, a) -> dict:
+    """``--float64``: the top three eigenvalues of the same model and batch in float64 (restarted Lanczos, a
+    40-vector basis, tolerance 1e-9), which settles λmax where float32 runs disagree (outside the plan and the row)."""
+    if not a.float64:
+        return r
+    import hesd
 
-    model, batch = build(size, eager=True)
-    r: dict = {}
-    params = list(model.parameters())
-    with phase("gradient", r, "grad s"):
-        torch.autograd.grad(model(**batch).loss, params)
-    op = he.HessianOperator(model, [batch], he.hf_lm_loss())
-    fd = he.HessianOperator(model, [batch], he.hf_lm_loss(), method="finite_difference")
-    v = torch.randn(op.size)
-    with phase("product", r, "HVP s"):
-        op.matvec(v)
-    with phase("finite-difference product", r, "FD s"):
-        fd.matvec(v)
-    with phase("top-1", r, "top-1 s"):
-        res = he.lanczos(op, k=1, max_iter=20, which="LA", tol=1e-3, seed=0)
-    r["top-1 HVPs"], r["top-1"] = 20, float(res.eigenvalues[0])
-    with phase("SLQ", r, "SLQ s"):
-        he.spectral_density(op, num_runs=1, lanczos_steps=STEPS, seed=0)
-    return r
-
-
-def run_pyhessian(size: str, a) -> dict:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from compare import _shim_torch_eig
-
-    _shim_torch_eig()
-    import pyhessian  # noqa: F401
-
-    ph = sys.modules["pyhessian.hessian"]
-    lm, batch = build(size, eager=True)
-    model = Logits(lm)
-    ids = batch["input_ids"]
-    y = ids[:, 1:].reshape(-1)
-    r: dict = {}
-    with phase("set-up (forward, gradient with create_graph)", r, "grad s"):
-        comp = ph.hessian(model, F.cross_entropy, data=(ids, y), cuda=False)
-    vv = [torch.randn_like(p) for p in comp.params]
-    with phase("product", r, "HVP s"):
-        ph.hessian_vector_product(comp.gradsH, comp.params, vv)
-    calls = [0]
-    orig = ph.hessian_vector_product
-
-    def counted(*x, **k):
-        calls[0] += 1
-        return orig(*x, **k)
-
-    ph.hessian_vector_product = counted
-    with phase("top-1", r, "top-1 s"):
-        vals = comp.eigenvalues(top_n=1, tol=1e-3, maxIter=100)[0]
-    r["top-1 HVPs"], r["top-1"] = calls[0], float(vals[0])
-    with phase("SLQ", r, "SLQ s"):
-        comp.density(iter=STEPS, n_v=1)
-    return r
-
-
-def run_curvlinops(size: str, a) -> dict:
-    import curvlinops
-    from scipy.sparse.linalg import eigsh
-
-    lm, batch = build(size, eager=True)
-    model = Logits(lm)
-    ids = batch["input_ids"]
-    y = ids[:, 1:].reshape(-1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    r: dict = {}
-    op = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(ids, y)])
-    v = torch.randn(sum(p.numel() for p in params))
-    with phase("product", r, "HVP s"):
-        op @ v
-    calls = [0]
-    orig = op._matmat
-
-    def counted(M):
-        first = M[0] if isinstance(M, (list, tuple)) else M
-        calls[0] += first.shape[-1]
-        return orig(M)
-
-    op._matmat = counted
-    with phase("top-1", r, "top-1 s"):
-        vals = eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False)
-    r["top-1 HVPs"], r["top-1"] = calls[0], float(vals[0])
+    op = hesd.HessianOperator(model.double(), None, [batch])
+    try:
+        with phase("float64 reference (top 3, tol 1e-9)", r):
+            ref = hesd.eigenvalues(op, k=3, tol=1e-9, warn=False, max_basis=40, seed=2, max_matvecs=600)
+    except Exception as exc:  # keep the float32 row
+        r["float64 error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return r
+    r["float64 top 3"], r["float64 converged"] = ref.eigenvalues.tolist(), bool(ref.converged)
+    r["float64 HVPs"] = op.num_matvecs
+    print(
+        "FLOAT64 " + json.dumps({k: r[k] for k in ("float64 top 3", "float64 converged", "float64 HVPs")}), flush=True
+    )
     return r
 
 
 def child(tool: str, size: str, a) -> None:
+    global DEVICE
     torch.set_num_threads(a.threads)
+    DEVICE = torch.device(a.device)
+    sys.modules.setdefault("scale", sys.modules[__name__])  # the peers' module shares this one's globals
+    from scale_peers import run_curvlinops, run_eigenthings, run_pyhessian
+
     try:
         r = {"hesd": run_hesd, "eigenthings": run_eigenthings, "pyhessian": run_pyhessian,
              "curvlinops": run_curvlinops}[tool](size, a)  # fmt: skip
@@ -301,7 +262,8 @@ def run_child(cmd: list[str], tool: str, size: str, timeout: float) -> tuple[str
                 ph = json.loads(line[6:])
                 print(f"      {tool} {size} · {ph['phase']}: {ph['s']:.1f} s (CPU: user {ph['user s']:.0f} s, system "
                       f"{ph['system s']:.0f} s, {ph['page faults'] / 1e6:.2f} M page faults); resident "
-                      f"{ph['start GiB']:.2f} → peak {ph['peak GiB']:.2f} → {ph['end GiB']:.2f} GiB",
+                      f"{ph['start GiB']:.2f} → peak {ph['peak GiB']:.2f} → {ph['end GiB']:.2f} GiB"
+                      + (f"; GPU peak {ph['GPU peak GiB']:.2f} GiB" if "GPU peak GiB" in ph else ""),
                       flush=True)  # fmt: skip
             elif line.startswith("PLAN "):
                 print("      " + json.loads(line[5:]).replace("\n", "\n      "), flush=True)
@@ -318,13 +280,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["10M", "40M", "124M"], choices=list(SIZES))
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
-    ap.add_argument("--max-memory", type=lambda s: int(float(s) * 2**30), default=10 * 2**30, help="GiB for hesd")
+    ap.add_argument("--max-memory", type=lambda s: None if s == "free" else int(float(s) * 2**30), default=10 * 2**30,
+                    help="GiB for hesd's plan, or 'free' (what the device has free)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--float64", action="store_true", help="hesd also finds the top 3 eigenvalues in float64")
     ap.add_argument("--timeout", type=int, default=3 * 3600, help="seconds per (tool, size) run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ref-tol", type=float, default=1e-5, help="tolerance of hesd's reference λmax")
     ap.add_argument("--reference", type=float, default=None,
                     help="λmax to score the top-1 errors against (hesd's reference from an earlier run of the same "
                          "size and seed), instead of computing it: one size at a time")  # fmt: skip
+    ap.add_argument("--tune-allocator", action="store_true",
+                    help="every tool's process with glibc malloc tuned (hesd.allocator.environment: "
+                         "large buffers reused between products; what the hesd command line does)")  # fmt: skip
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -333,15 +301,24 @@ def main() -> None:
         return
     if a.quick:
         a.sizes, a.tools, a.max_memory = ["1M"], ["hesd"], 2**30
-    print(f"torch {torch.__version__}, {a.threads} threads; GPT-2, {ROWS} x {LENGTH} tokens, own loss; "
-          f"hesd --max-memory {a.max_memory / 2**30:.1f} GiB", flush=True)  # fmt: skip
+    if a.tune_allocator:  # inherited by every child, whichever tool it runs
+        from hesd.allocator import environment
+
+        os.environ.update(environment())
+    budget = "free" if a.max_memory is None else f"{a.max_memory / 2**30:.1f} GiB"
+    gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "no GPU"
+    print(f"torch {torch.__version__}, {a.threads} threads, device {a.device} ({gpu}); GPT-2, {ROWS} x {LENGTH} "
+          f"tokens, own loss; hesd --max-memory {budget}"
+          + ("; glibc malloc tuned for every tool" if a.tune_allocator else ""), flush=True)  # fmt: skip
     cols = ["grad s", "HVP s", "FD s", "top-1 s", "top-1 HVPs", "top-1 err", "SLQ s", "RSS GiB"]
+    cols += ["GPU GiB"] if a.device.startswith("cuda") else []
     print(f"{'size':<5} {'tool':<12} " + " ".join(f"{c:>10}" for c in cols), flush=True)
     for size in a.sizes:
         reference = a.reference if a.reference is not None else math.nan
         for tool in a.tools:
-            cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", str(a.max_memory / 2**30),
-                   "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)]  # fmt: skip
+            budget = "free" if a.max_memory is None else str(a.max_memory / 2**30)
+            cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", budget, "--device", a.device,
+                   "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)] + ["--float64"] * a.float64  # fmt: skip
             cmd += ["--reference", str(a.reference)] if a.reference is not None else []
             out, err = run_child(cmd, tool, size, a.timeout)
             lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
@@ -363,6 +340,9 @@ def main() -> None:
             print(f"{size:<5} {tool:<12} " + " ".join(cells), flush=True)
             if "top-1" in r:
                 print(f"      top-1 λ = {r['top-1']:.7g}", flush=True)
+            if "float64 top 3" in r or "float64 error" in r:
+                print(f"      float64: top 3 {r.get('float64 top 3')} (converged {r.get('float64 converged')}, "
+                      f"{r.get('float64 HVPs')} products) {r.get('float64 error', '')}", flush=True)  # fmt: skip
             if "cut" in r:
                 print(f"      cut short ({r['cut']}); the columns are what it measured before")
             if tool == "hesd":

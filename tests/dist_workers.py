@@ -148,16 +148,12 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from fsdp_cases import mlp_case
     from hesd.operators.fsdp import FSDPHessianOperator
 
     _init(rank, world, init_file)
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.LayerNorm(10),
-                                    torch.nn.Linear(10, 3)).double()  # fmt: skip
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
-                   for n in (5, 3, 4, 2)]  # fmt: skip
+        model, batches = mlp_case((5, 3, 4, 2))
         unsharded = copy.deepcopy(model)
         exact = hesd.HessianOperator(unsharded, CE, batches)  # one process, all the data
         mesh = init_device_mesh("cpu", (world,))

@@ -90,5 +90,14 @@ def test_finite_difference_benchmark_quick():
 
 
 def test_scale_benchmark_quick():
-    out = _run(str(BENCH / "scale.py"), "--quick")
+    out = _run(str(BENCH / "scale.py"), "--quick", "--float64", "--tune-allocator")
     assert "\n1M    hesd" in out and "memory plan:" in out and "resident growth" in out
+    assert "glibc malloc tuned" in out and "float64: top 3 [" in out and "converged True" in out
+
+
+def test_gpt2_hesd_benchmark_smoke(tmp_path):
+    out = _run(str(BENCH / "gpt2_hesd.py"), "--device", "cpu", "--size", "1M", "--tokens", "1024", "--rows", "4",
+               "--steps", "6", "--probes", "2", "--precision", "bf16", "--out", str(tmp_path / "r.json"))  # fmt: skip
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["SLQ products"] == 12 and r["type"] in ("MP", "MN") and r["lambda_max"] > r["lambda_min"]
+    assert 0 < r["bf16 product error"] < 0.1 and "memory plan:" in out

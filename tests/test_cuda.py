@@ -47,6 +47,12 @@ def test_cuda_conformance_matrix(family, method):
     H = hesd.exact_hessian(model, family.loss, batches, model_mode=family.model_mode)
     gpu = [(X.to(CUDA), y.to(CUDA)) for X, y in batches]
     op = hesd.HessianOperator(model.to(CUDA), family.loss, gpu, hvp_method=method, model_mode=family.model_mode)
+    if method == "func" and any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
+        # off cuDNN, PyTorch's CUDA recurrent cells are fused kernels without a forward-mode derivative
+        fused = r"no forward-mode derivative for _thnn_fused_(gru|lstm)_cell"
+        with pytest.raises(hesd.UnsupportedModelError, match=fused):
+            op @ torch.randn(H.shape[0], dtype=torch.float64, device=CUDA)
+        return
     V = torch.randn(H.shape[0], 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     HV = (op @ V.to(CUDA)).cpu()
     assert (HV - H @ V).abs().max() < 1e-10 * max(1.0, float(H.abs().max())), (family.name, method)
@@ -125,3 +131,11 @@ def test_cuda_tf32_off_inside_products_and_restored():
         assert torch.backends.cudnn.allow_tf32 is True
     finally:
         torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt2"])
+def test_cuda_fsdp2_single_gpu_against_cpu_dense_hessian(tmp_path, family):
+    """FSDP2 over a one-GPU NCCL mesh against the CPU's dense float64 Hessian (tests/fsdp_cases.py)."""
+    from fsdp_cases import check_single_rank_fsdp
+
+    check_single_rank_fsdp(family, "cuda", "nccl", tmp_path)

@@ -323,3 +323,14 @@ def test_cli_under_torchrun(tmp_path):
 
     d1, d2 = json.loads(dist_spec.stdout), json.loads(one.stdout)  # only rank 0 printed
     assert abs(d1["ct"] - d2["ct"]) < 1e-8 and abs(d1["lambda_max"] - d2["lambda_max"]) < 1e-8 * d2["lambda_max"]
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt2"])
+def test_fsdp2_one_rank_against_dense_hessian(tmp_path, family):
+    """FSDP2 over a one-rank gloo mesh (in this process) against the dense float64 Hessian. The tiny
+    GPT-2 (its own loss) caught FSDPHessianOperator running outside hesd's forward state, where
+    ``transformers`` computed a float64 model's loss in float32 (products off by 1e-3)."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from fsdp_cases import check_single_rank_fsdp
+
+    check_single_rank_fsdp(family, "cpu", "gloo", tmp_path)

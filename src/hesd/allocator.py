@@ -4,9 +4,13 @@ A product on the CPU allocates and frees hundreds of MB of temporaries (a ResNet
 a batch of 128: activations of 8 MB each, dozens of them). With glibc's defaults, blocks over
 the mmap threshold are mapped and unmapped every time, and freed heap memory above 128 KB is
 trimmed, so every product page-faults its memory back in (zeroed by the kernel); the cost in
-system time is measured by ``benchmarks/allocator.py`` (BENCHMARKS.md §4). PyTorch's CPU
-performance guide recommends jemalloc or tcmalloc for the same reason; these three ``mallopt``
-settings get the effect without a preloaded library.
+system time is measured by ``benchmarks/allocator.py`` (BENCHMARKS.md §4). glibc caps the mmap
+threshold at 32 MiB, so a large model's buffers — a gradient-sized vector of a 124 M-parameter
+model is 0.5 GB, its activations hundreds of MB — are mapped afresh whatever the threshold;
+only forbidding ``mmap`` for ordinary allocations (``M_MMAP_MAX = 0``) puts them on the heap,
+where the next product reuses them (BENCHMARKS.md §9). PyTorch's CPU performance guide
+recommends jemalloc or tcmalloc for the same reason; these four ``mallopt`` settings get the
+effect without a preloaded library.
 
 The settings apply to the whole process, so the library never makes them by itself: the
 ``hesd`` command line calls :func:`tune_cpu_allocator` at start-up (``HESD_TUNE_ALLOCATOR=0``
@@ -20,30 +24,42 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["release_free_memory", "tune_cpu_allocator"]
+__all__ = ["environment", "release_free_memory", "tune_cpu_allocator"]
 
 # mallopt parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 2**31 - 1  # trim the heap only when this much is free at its top (mallopt's largest int)
 TOP_PAD = 512 * 2**20  # grow the heap in steps of this much
+MMAP_MAX = 0  # no block is mmapped by malloc (glibc still maps where the heap cannot grow)
+MMAP_MAX_DEFAULT = 65536  # glibc's own (DEFAULT_MMAP_MAX)
 
 
-def tune_cpu_allocator() -> bool:
+def tune_cpu_allocator(reuse_large: bool = True) -> bool:
     """Set glibc's ``malloc`` to keep freed memory for the next Hessian-vector product.
 
     Sets ``M_MMAP_THRESHOLD`` to 32 MiB (blocks up to that size come from the heap, not from a
-    fresh ``mmap`` each time), ``M_TRIM_THRESHOLD`` to 2 GiB (the largest ``mallopt`` takes)
-    and ``M_TOP_PAD`` to 512 MiB (the heap is not trimmed after each product and grows in
-    large steps). These are process-wide settings, equivalent to the environment variables
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647
-    MALLOC_TOP_PAD_=536870912``.
+    fresh ``mmap`` each time), ``M_TRIM_THRESHOLD`` to 2 GiB (the largest ``mallopt`` takes),
+    ``M_TOP_PAD`` to 512 MiB (the heap is not trimmed after each product and grows in large
+    steps) and, with ``reuse_large``, ``M_MMAP_MAX`` to 0: no block, however large, gets a
+    ``mmap`` of its own, so a large model's buffers are reused too (glibc still maps memory
+    where the heap cannot grow, as for a thread's arena). ``reuse_large=False`` puts
+    ``M_MMAP_MAX`` back to glibc's default. These are process-wide settings, equivalent to the
+    environment variables of :func:`environment`. Freed memory then stays with the process, up
+    to the peak of the analysis, and the heap can fragment: with large buffers reused, GPT-2
+    small under a 10 GiB plan peaked 1.2 GiB higher in resident memory (BENCHMARKS.md §9), which
+    is why the command line reuses large buffers only when no ``--max-memory`` is given.
+    :func:`release_free_memory` hands freed memory back.
+
+    Args:
+        reuse_large: also serve blocks above 32 MiB from the heap (``M_MMAP_MAX = 0``).
 
     Returns:
-        ``True`` if all three settings were accepted; ``False`` where there is no glibc
+        ``True`` if all four settings were accepted; ``False`` where there is no glibc
         (macOS, Windows, musl), where nothing is changed.
 
     Examples:
@@ -59,11 +75,30 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TOP_PAD, TOP_PAD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_MMAP_MAX, MMAP_MAX if reuse_large else MMAP_MAX_DEFAULT),
+                (_M_TOP_PAD, TOP_PAD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))  # fmt: skip
     ok = True
     for param, value in settings:
         ok = bool(mallopt(param, value)) and ok
     return ok
+
+
+def environment(reuse_large: bool = True) -> dict[str, str]:
+    """The environment variables that give :func:`tune_cpu_allocator`'s settings to a process from its start.
+
+    For processes that hesd does not start itself (a benchmark's other tools, a job script).
+
+    Args:
+        reuse_large: as for :func:`tune_cpu_allocator`.
+
+    Examples:
+        >>> from hesd.allocator import environment
+        >>> environment()["MALLOC_MMAP_MAX_"]
+        '0'
+    """
+    mmap_max = MMAP_MAX if reuse_large else MMAP_MAX_DEFAULT
+    return {"MALLOC_MMAP_MAX_": str(mmap_max), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}  # fmt: skip
 
 
 def release_free_memory() -> bool:

@@ -72,9 +72,17 @@ def all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
     """
     if group is None:
         return t
+    if t.device.type == "cpu" and not _reduces_on_cpu(group):  # NCCL alone: small CPU sums go through the GPU
+        return all_reduce_sum(t.to(torch.device("cuda", torch.cuda.current_device())), group).to(t.device)
     t = t.contiguous()
     dist.all_reduce(t, group=group)
     return t
+
+
+def _reduces_on_cpu(group: Any) -> bool:
+    """Whether ``group``'s backend takes CPU tensors (gloo, MPI, or a ``"cpu:gloo,cuda:nccl"`` pair); NCCL does not."""
+    backend = str(dist.get_backend(group)).lower()
+    return "gloo" in backend or "mpi" in backend or "cpu:" in backend
 
 
 def _statuses(group: Any, error: BaseException | None) -> list[tuple[int, str]]:

@@ -17,6 +17,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from .inner import inner
 from .lanczos import row_norms, writable
 from .probes import gaussian
 from .results import EigenResult
@@ -173,11 +174,11 @@ def eigenvalues(
     while True:
         w = writable(op @ Q[j], Q)  # updated in place: no vector-sized temporaries (hesd.algorithms.lanczos)
         matvecs += 1
-        h = red(Q[: j + 1] @ w)
-        w.addmv_(Q[: j + 1].T, h, alpha=-1)
-        h2 = red(Q[: j + 1] @ w)
-        w.addmv_(Q[: j + 1].T, h2, alpha=-1)
-        h = (h + h2).to(torch.float64).cpu()
+        h = red(inner(Q[None, : j + 1], w[None])[0])  # float64 (hesd.algorithms.inner)
+        w.addmv_(Q[: j + 1].T, h.to(dtype), alpha=-1)
+        h2 = red(inner(Q[None, : j + 1], w[None])[0])
+        w.addmv_(Q[: j + 1].T, h2.to(dtype), alpha=-1)
+        h = (h + h2).cpu()
         T[: j + 1, j] = h
         T[j, : j + 1] = h
         beta = float(norm(w))
@@ -199,7 +200,7 @@ def eigenvalues(
             fresh += 1
             r = draw(seed + 7919 * fresh)
             for _ in range(2):
-                r.addmv_(Q[:j].T, red(Q[:j] @ r), alpha=-1)
+                r.addmv_(Q[:j].T, red(inner(Q[None, :j], r[None])[0]).to(dtype), alpha=-1)
             nr = norm(r)
             if nr <= eps * math.sqrt(n):
                 converged = True  # the basis spans the whole space

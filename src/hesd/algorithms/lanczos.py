@@ -18,6 +18,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
+from .inner import inner, norms
 
 __all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
@@ -92,7 +93,7 @@ class _Basis:
             return W
         Q = self.store[:, : min(self.count, self.size)].to(device=self.op_device, dtype=self.op_dtype)
         for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
-            _subtract(W, Q, self.reduce(torch.bmm(Q, W.unsqueeze(2))))
+            _subtract(W, Q, self.reduce(inner(Q, W)))
         return W
 
     def project(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +126,12 @@ class _Basis:
         assert self.store is not None  # project() runs only with stored vectors (exact)
         for back in (1, 0) if self.count >= 2 else (0,):  # q_{j-1}, q_j: the O(1) components of A q_j
             q = self.store[:, self._slot(back)].unsqueeze(1)
-            h = self.reduce(torch.bmm(q, W.unsqueeze(2)))  # the last, along q_j, is alpha_j
+            h = self.reduce(inner(q, W))  # float64; the last, along q_j, is alpha_j
             _subtract(W, q, h)
         Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
-        h2 = self.reduce(torch.bmm(Q, W.unsqueeze(2)))
+        h2 = self.reduce(inner(Q, W))
         _subtract(W, Q, h2)
-        return W, (h[:, 0, 0] + h2[:, self._slot(0), 0])
+        return W, (h[:, 0] + h2[:, self._slot(0)])
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.store is not None:
@@ -138,26 +139,30 @@ class _Basis:
 
 
 def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-    """Row norms of ``X``; for sharded vectors the square root of the summed partial squares."""
+    """Row norms of ``X`` in its dtype, accumulated in float64 (:mod:`hesd.algorithms.inner`).
+
+    For sharded vectors, the square root of the partial squares summed over the ranks.
+    """
     if not op.sharded:
-        return torch.linalg.vector_norm(X, dim=1)
-    return torch.sqrt(op.reduce_inner(_dots(X, X)))
+        return norms(X).to(X.dtype)
+    return torch.sqrt(op.reduce_inner(_dots(X, X))).to(X.dtype)
 
 
 def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``W[i] -= Q[i]ᵀ h[i]`` for each row ``i``, in place (``W`` ``(b, n)``, ``Q`` ``(b, k, n)``, ``h`` ``(b, k, 1)``).
+    """``W[i] -= Q[i]ᵀ h[i]`` for each row ``i``, in place (``W`` ``(b, n)``, ``Q`` ``(b, k, n)``, ``h`` ``(b, k)``).
 
     One ``addmv_`` per row: ``baddbmm_`` on the CPU computes into a new vector-sized buffer and
     copies it back, which at 124 M parameters costs more than the product it replaces.
     """
+    h = h.to(W.dtype)
     for i in range(W.shape[0]):
-        W[i].addmv_(Q[i].T, h[i, :, 0], alpha=-1)
+        W[i].addmv_(Q[i].T, h[i], alpha=-1)
     return W
 
 
 def _dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Row-wise inner products of ``(b, n)`` tensors, without a ``(b, n)`` temporary."""
-    return torch.bmm(X.unsqueeze(1), Y.unsqueeze(2)).reshape(-1)
+    """Row-wise inner products of ``(b, n)`` tensors in float64 (:func:`~hesd.algorithms.inner.inner`)."""
+    return inner(X.unsqueeze(1), Y)[:, 0]
 
 
 def writable(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from .inner import inner, norms
 from .probes import gaussian
 from .results import EigenResult
 
@@ -65,22 +66,25 @@ def power_iteration(
     all_conv = True
     matvecs = 0
 
+    def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # accumulated in float64 (hesd.algorithms.inner)
+        return inner(x[None, None], y[None])[0, 0]
+
     def deflate(x: torch.Tensor) -> torch.Tensor:
         for _ in range(2):
             for u in vecs:
-                x = x - torch.dot(u, x) * u
+                x = x - dot(u, x).to(x.dtype) * u
         return x
 
     for i in range(k):
         v = deflate(gaussian(n, seed + 104729 * i, op.dtype, op.device))
-        v = v / torch.linalg.vector_norm(v)
+        v = v / float(norms(v[None])[0])
         theta, r, conv = 0.0, float("inf"), False
         for _ in range(max_iter):
             w = deflate(op @ v)
             matvecs += 1
-            theta = float(torch.dot(v, w))
-            r = float(torch.linalg.vector_norm(w - theta * v))
-            nw = torch.linalg.vector_norm(w)
+            theta = float(dot(v, w))
+            r = float(norms((w - theta * v)[None])[0])
+            nw = float(norms(w[None])[0])
             if r <= tol * abs(theta) or nw == 0:
                 conv = True
                 break

@@ -259,6 +259,8 @@ def analyze(
         )
         if settings.device is not None:  # before loading anything
             check_device(settings.device, "--device", "hesd analyze")
+        if settings.max_memory is not None:  # large buffers mapped and unmapped: resident memory follows the plan
+            tune_allocator(reuse_large=False)
         model_factory = load_object(model, "--model") if model else None
         loss_fn: Any = load_object(loss, "--loss") if loss else (None if hf else torch.nn.functional.cross_entropy)
         text: dict[str, Any] = dict(

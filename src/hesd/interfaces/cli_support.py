@@ -47,18 +47,19 @@ HVP_HELP = (
 )
 
 
-def tune_allocator() -> None:
+def tune_allocator(reuse_large: bool = True) -> None:
     """Keep glibc from returning memory to the OS between products (:func:`hesd.tune_cpu_allocator`).
 
     The command line owns its process, so it may. ``HESD_TUNE_ALLOCATOR=0`` leaves the allocator
-    alone; BENCHMARKS.md §4 has the measurements.
+    alone; BENCHMARKS.md §4 and §9 have the measurements. ``hesd analyze --max-memory`` calls it
+    again with ``reuse_large=False``, so that resident memory follows the memory plan.
     """
     import os
 
     if os.environ.get("HESD_TUNE_ALLOCATOR", "1").strip().lower() not in ("0", "false", "no", "off"):
         from ..allocator import tune_cpu_allocator
 
-        tune_cpu_allocator()
+        tune_cpu_allocator(reuse_large)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:

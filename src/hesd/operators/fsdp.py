@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import HesdValueError
 from .data import ModelCall, as_reiterable
 from .finite_difference import TAU, check_model, relative_step
-from .forward import model_state
+from .forward import ForwardContext
 from .linear import LinearOperator
 from .loss import LossBatch, LossContract
 from .model_loss import loss_contract
@@ -109,6 +109,9 @@ class FSDPHessianOperator(RankShards, LinearOperator):
         self.locals = [p.to_local().detach() for p in self.params]  # views of the shards, written in place
         self.dtype, self.device = self.locals[0].dtype, self.locals[0].device
         check_model(model, self.dtype, "FSDPHessianOperator")
+        # the state every hesd forward runs in (eval mode, a float64 model's loss kept in float64, a transformers
+        # model's cache off, full float32 precision); gradients only, so the model's own attention kernel
+        self.forward = ForwardContext(model, caller="FSDPHessianOperator")
         n = sum(t.numel() for t in self.locals)
         self.shape = (n, n)
         self.n = sum(p.numel() for p in self.params)
@@ -118,8 +121,9 @@ class FSDPHessianOperator(RankShards, LinearOperator):
         raw = list(as_reiterable(data, "FSDPHessianOperator", allow_empty=True))
         self.batches: list[LossBatch] = [b for b in (self.contract.prepare(r, self.device, self.dtype) for r in raw)
                                          if b is not None]  # fmt: skip
+        # on the shards' device: NCCL gathers GPU tensors only
         counts = torch.tensor([[float(len(self.batches)), float(sum(b.count for b in self.batches))]],
-                              dtype=torch.float64)  # fmt: skip
+                              dtype=torch.float64, device=self.device)  # fmt: skip
         every = [torch.zeros_like(counts) for _ in range(self.world)]
         dist.all_gather(every, counts, group=self.group)
         per_rank = [int(t[0, 0]) for t in every]
@@ -154,7 +158,7 @@ class FSDPHessianOperator(RankShards, LinearOperator):
     def loss(self) -> float:
         """The loss over all ranks' data: the mean over every loss-bearing item (every rank gets it)."""
         total = 0.0
-        with torch.no_grad(), model_state(self.model, "eval", math_attention=False):
+        with torch.no_grad(), self.forward.state(second_order=False), self.forward.precision(self.device):
             for batch in self.batches:
                 loss = self.contract.loss(ModelCall(self.model), batch)
                 total += float(loss) * self.contract.weight(batch.count, self.num_samples)
@@ -165,7 +169,7 @@ class FSDPHessianOperator(RankShards, LinearOperator):
         """This rank's shard of the gradient of the loss over all ranks' data."""
         for p in self.params:
             p.grad = None
-        with model_state(self.model, "eval", math_attention=False), torch.enable_grad():
+        with self.forward.state(second_order=False), self.forward.precision(self.device), torch.enable_grad():
             for batch in self.batches:
                 loss = self.contract.loss(ModelCall(self.model), batch)
                 # FSDP2 averages the shards' gradients over the ranks: scale back to a sum of weighted losses
