@@ -18,7 +18,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
-from .inner import inner, norms
+from .inner import inner
 
 __all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
@@ -141,10 +141,9 @@ class _Basis:
 def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     """Row norms of ``X`` in its dtype, accumulated in float64 (:mod:`hesd.algorithms.inner`).
 
-    For sharded vectors, the square root of the partial squares summed over the ranks.
+    For sharded vectors, the square root of the partial squares summed over the ranks
+    (``op.reduce_inner`` is the identity otherwise).
     """
-    if not op.sharded:
-        return norms(X).to(X.dtype)
     return torch.sqrt(op.reduce_inner(_dots(X, X))).to(X.dtype)
 
 
