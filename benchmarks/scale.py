@@ -153,6 +153,34 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def timed_operator(op):
+    """``op`` counting the seconds it spends in products and in its first-order pass (``product s``, ``pass s``).
+
+    A subclass of its own class that overrides the two hooks (:meth:`LinearOperator._matmat`, the one every
+    operator implements, and :meth:`HessianOperator.prepare`); the pass that the first product starts is
+    counted as a pass, not as a product.
+    """
+
+    class Timed(type(op)):
+        def _matmat(self, V):
+            if self.state is None:
+                self.prepare()
+            t = time.perf_counter()
+            out = super()._matmat(V)
+            sync()
+            self.product_s += time.perf_counter() - t
+            return out
+
+        def prepare(self):
+            t = time.perf_counter()
+            super().prepare()
+            sync()
+            self.pass_s += time.perf_counter() - t
+
+    op.__class__, op.product_s, op.pass_s = Timed, 0.0, 0.0
+    return op
+
+
 def run_hesd(size: str, a) -> dict:
     import hesd
     from hesd.analysis.memory_plan import plan_memory
@@ -165,10 +193,10 @@ def run_hesd(size: str, a) -> dict:
         plan = plan_memory(model, None, data, num_steps=STEPS, max_memory=a.max_memory)
     r["plan"], r["plan GiB"] = plan.describe(), plan.total / 2**30
     print("PLAN " + json.dumps(r["plan"]), flush=True)
-    op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())
+    op = timed_operator(hesd.HessianOperator(model, None, data, **plan.operator_kwargs()))
     with phase("SLQ", r, "SLQ s"):
         spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
-    r["SLQ HVPs"] = op.num_matvecs
+    r["SLQ HVPs"], r["SLQ products s"], r["SLQ pass s"] = op.num_matvecs, op.product_s, op.pass_s
     r["SLQ λmax"] = float(max(spec.values[0]))
     r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
     r["SLQ RSS GiB"] = rss_gib()
@@ -176,7 +204,7 @@ def run_hesd(size: str, a) -> dict:
     params = list(model.parameters())
     with phase("gradient", r, "grad s"):
         torch.autograd.grad(model(**batch).loss, params)
-    op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())  # within the plan's memory
+    op = timed_operator(hesd.HessianOperator(model, None, data, **plan.operator_kwargs()))  # the plan's memory
     v = torch.randn(op.shape[0], device=DEVICE)
     with phase("first product", r):
         op @ v  # first-order pass (graphs kept as the plan allows)
@@ -187,12 +215,13 @@ def run_hesd(size: str, a) -> dict:
     with phase("finite-difference product", r, "FD s"):
         fd @ v
     del fd, v
-    n0 = op.num_matvecs
+    n0, p0 = op.num_matvecs, op.product_s
     basis = plan.eigen_basis  # the restarted Lanczos basis within the plan's basis memory
     r["eigen basis"] = basis
     with phase("top-1", r, "top-1 s"):
         top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
+    r["top-1 products s"] = op.product_s - p0
     if a.reference is not None:  # given: not recomputed
         return float64_reference(model, batch, r, a) | {
             "reference": a.reference,
@@ -248,10 +277,10 @@ def child(tool: str, size: str, a) -> None:
     print("RESULT " + json.dumps(r))
 
 
-def run_child(cmd: list[str], tool: str, size: str, timeout: float) -> tuple[str, str]:
+def run_child(cmd: list[str], tool: str, size: str, timeout: float, env=None) -> tuple[str, str]:
     """Run one (tool, size) child; print each phase as it ends; stop it after ``timeout`` seconds."""
     with tempfile.TemporaryFile("w+") as errf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
         timer = threading.Timer(timeout, p.kill)
         timer.start()
         lines = []
@@ -290,9 +319,11 @@ def main() -> None:
     ap.add_argument("--reference", type=float, default=None,
                     help="λmax to score the top-1 errors against (hesd's reference from an earlier run of the same "
                          "size and seed), instead of computing it: one size at a time")  # fmt: skip
-    ap.add_argument("--tune-allocator", action="store_true",
-                    help="every tool's process with glibc malloc tuned (hesd.allocator.environment: "
-                         "large buffers reused between products; what the hesd command line does)")  # fmt: skip
+    ap.add_argument("--tune-allocator", nargs="?", const="reuse", choices=("reuse", "cli"),
+                    help="every tool's process with glibc malloc tuned (hesd.allocator.environment): 'reuse' (the "
+                         "default) reuses large buffers between products in every process; 'cli' does what "
+                         "`hesd analyze` does: hesd reuses them only without a memory budget (--max-memory free), "
+                         "the peers always")  # fmt: skip
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -305,11 +336,14 @@ def main() -> None:
         from hesd.allocator import environment
 
         os.environ.update(environment())
+        under_budget = environment(reuse_large=False)  # `hesd analyze --max-memory`
     budget = "free" if a.max_memory is None else f"{a.max_memory / 2**30:.1f} GiB"
     gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "no GPU"
     print(f"torch {torch.__version__}, {a.threads} threads, device {a.device} ({gpu}); GPT-2, {ROWS} x {LENGTH} "
           f"tokens, own loss; hesd --max-memory {budget}"
-          + ("; glibc malloc tuned for every tool" if a.tune_allocator else ""), flush=True)  # fmt: skip
+          + {None: "", "reuse": "; glibc malloc tuned for every tool (large buffers reused)",
+             "cli": "; glibc malloc tuned as hesd analyze does (hesd reuses large buffers only without a budget)"}[
+                a.tune_allocator], flush=True)  # fmt: skip
     cols = ["grad s", "HVP s", "FD s", "top-1 s", "top-1 HVPs", "top-1 err", "SLQ s", "RSS GiB"]
     cols += ["GPU GiB"] if a.device.startswith("cuda") else []
     print(f"{'size':<5} {'tool':<12} " + " ".join(f"{c:>10}" for c in cols), flush=True)
@@ -320,7 +354,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", budget, "--device", a.device,
                    "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)] + ["--float64"] * a.float64  # fmt: skip
             cmd += ["--reference", str(a.reference)] if a.reference is not None else []
-            out, err = run_child(cmd, tool, size, a.timeout)
+            env = None
+            if a.tune_allocator == "cli" and tool == "hesd" and a.max_memory is not None:
+                env = os.environ | under_budget
+            out, err = run_child(cmd, tool, size, a.timeout, env)
             lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
             parts = [x for x in out.splitlines() if x.startswith("PARTIAL ")]
             if lines:
@@ -363,6 +400,11 @@ def main() -> None:
                       f"({r.get('SLQ HVPs', '?')} products), top-1 "
                       f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one):.3f} "
                       f"({r.get('top-1 HVPs', '?')} products; restart basis {r.get('eigen basis', '?')})",
+                      flush=True)  # fmt: skip
+                slq, top1 = r.get("SLQ s", math.nan), r.get("top-1 s", math.nan)
+                sp, sh, tp = (r.get(k, math.nan) for k in ("SLQ pass s", "SLQ products s", "top-1 products s"))
+                print(f"      inside: SLQ {slq:.1f} s = first-order pass {sp:.1f} + products {sh:.1f} + the rest "
+                      f"{slq - sp - sh:.1f}; top-1 {top1:.1f} s = products {tp:.1f} + the rest {top1 - tp:.1f}",
                       flush=True)  # fmt: skip
 
 

@@ -59,6 +59,18 @@ def test_footprint_graph_is_what_the_operator_keeps_and_scales_with_tokens():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_a_plan_under_bfloat16_autocast_is_measured_so_and_passes_it_on():
+    model, data = _gpt2(rows=(4,), length=64)
+    full = plan_memory(model, None, data, num_steps=10, max_memory=2**30)
+    half = plan_memory(model, None, data, num_steps=10, max_memory=2**30, autocast_dtype=torch.bfloat16)
+    assert full.footprint is not None and half.footprint is not None
+    assert half.footprint.graph < 0.8 * full.footprint.graph, (half.footprint.graph, full.footprint.graph)
+    assert half.operator_kwargs()["autocast_dtype"] == torch.bfloat16 and "autocast_dtype" not in full.operator_kwargs()
+    assert any("bfloat16 autocast" in c for c in half.choices)
+    op = hesd.HessianOperator(model, None, data, **half.operator_kwargs())
+    assert op.graph_bytes == pytest.approx(half.footprint.graph, rel=0.1)
+
+
 def test_the_plan_ladder_from_all_graphs_kept_to_an_error():
     model, data = _gpt2()
     steps = 40

@@ -20,7 +20,7 @@ from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
 from .inner import inner
 
-__all__ = ["LanczosResult", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
+__all__ = ["LanczosResult", "as_rows", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
 # _IN_PLACE: every vector-sized update of a step is made in place. On the CPU a vector of a
 # large model is above glibc's largest mmap threshold (32 MiB), so each fresh temporary is
@@ -164,6 +164,18 @@ def _dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return inner(X.unsqueeze(1), Y)[:, 0]
 
 
+def as_rows(Y: torch.Tensor) -> torch.Tensor:
+    """The columns of ``Y`` (``(n, b)``) as the rows of a ``(b, n)`` tensor with strides ``(n, 1)``.
+
+    ``Y.T.contiguous()`` is not enough: for ``b = 1`` it returns ``Y.T`` itself, whose strides are
+    ``(1, 1)`` (PyTorch calls any stride of a size-1 dimension contiguous), and copying such a row
+    into the basis took PyTorch's element-by-element path: 0.5 s instead of 0.03 s for a 124 M-entry
+    vector on two cores, two thirds of a windowed Lanczos step's vector work (BENCHMARKS.md §9).
+    """
+    b, n = Y.shape[1], Y.shape[0]
+    return Y.T.contiguous().view(b, n)
+
+
 def writable(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``W`` (an operator's output), ready to be updated in place.
 
@@ -293,7 +305,7 @@ def lanczos_lockstep(
     eps = torch.finfo(op.dtype).eps
     basis = _Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
     exact = basis.exact
-    Q = V0.to(device=op.device, dtype=op.dtype).T.contiguous()
+    Q = as_rows(V0.to(device=op.device, dtype=op.dtype))
     norms = row_norms(Q, op)
     if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
         raise HesdValueError(f"{caller}: start vectors must be finite and non-zero")
@@ -308,7 +320,7 @@ def lanczos_lockstep(
     broke = [False] * b
     for j in range(num_steps):
         basis.add(Q)
-        W = writable((op @ Q.T).T.contiguous(), Q)  # updated in place below (_IN_PLACE)
+        W = writable(as_rows(op @ Q.T), Q)  # updated in place below (_IN_PLACE)
         if exact:
             W, alpha = basis.project(W)
         else:

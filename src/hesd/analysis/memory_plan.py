@@ -107,6 +107,9 @@ class MemoryPlan:
             ``basis_dtype``, ``basis_bytes``).
         choices: what was chosen, and what it costs, in words.
         footprint: the measurement the plan rests on.
+        autocast_dtype: the forward passes' autocast dtype the footprint was measured under
+            (passed on to the operator: a plan measured under bfloat16 autocast keeps graphs of
+            about half the float32 size, and does not fit a float32 run).
     """
 
     budget: int
@@ -117,6 +120,7 @@ class MemoryPlan:
     basis: dict
     choices: list[str] = field(default_factory=list)
     footprint: Footprint | None = None
+    autocast_dtype: torch.dtype | None = None
 
     @property
     def total(self) -> float:
@@ -125,7 +129,8 @@ class MemoryPlan:
 
     def operator_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`hesd.HessianOperator`."""
-        return {"hvp_method": self.hvp_method, "memory_budget": self.graph_budget, "max_tokens": self.max_tokens}
+        kw = {"hvp_method": self.hvp_method, "memory_budget": self.graph_budget, "max_tokens": self.max_tokens}
+        return kw | ({"autocast_dtype": self.autocast_dtype} if self.autocast_dtype is not None else {})
 
     @property
     def eigen_basis(self) -> int:
@@ -235,6 +240,7 @@ def plan_memory(
     model_mode: str = "eval",
     max_tokens: int | None = None,
     shards: int = 1,
+    autocast_dtype: torch.dtype | None = None,
 ) -> MemoryPlan:
     """A plan for ``num_steps``-step SLQ of ``model`` that fits ``max_memory`` bytes (module docs).
 
@@ -252,12 +258,15 @@ def plan_memory(
         max_tokens: a micro-batch size the user already chose (the planner may cut finer).
         shards: ranks the Lanczos vectors are split across (data parallel:
             :class:`hesd.operators.sharded.ShardedOperator`); the basis per rank divides by it.
+        autocast_dtype: as for :class:`hesd.HessianOperator`: the first batch is measured under
+            that autocast (bfloat16 graphs are about half the size), and the plan's
+            :meth:`~MemoryPlan.operator_kwargs` pass it on.
 
     Raises:
         MemoryBudgetError: no plan fits; the message lists each part and the options.
     """
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode, max_tokens=max_tokens,
-                         check_deterministic=False, hvp_method=hvp_method)  # fmt: skip
+                         check_deterministic=False, hvp_method=hvp_method, autocast_dtype=autocast_dtype)  # fmt: skip
     budget = int(max_memory) if max_memory is not None else available_memory(op.device)
     fp = measure_footprint(op)
     room = int(budget * (1 - MARGIN))
@@ -290,7 +299,10 @@ def plan_memory(
             continue
         if hvp_method in ("graph", "double_backward", "func") and plan.hvp_method in ("auto", "double_backward"):
             plan.hvp_method = hvp_method  # kept as the user gave it
-        plan.footprint, plan.budget = fp, budget
+        plan.footprint, plan.budget, plan.autocast_dtype = fp, budget, autocast_dtype
+        if autocast_dtype is not None:
+            plan.choices.append(f"forward passes under {str(autocast_dtype).removeprefix('torch.')} autocast, "
+                                "as the first batch was measured")  # fmt: skip
         plan.choices.append(why)
         if kind == "reduced":
             what = ("the Lanczos basis in bfloat16 (orthogonality to about 1e-2: Ritz values can drift by about "
