@@ -170,7 +170,7 @@ def as_rows(Y: torch.Tensor) -> torch.Tensor:
     ``Y.T.contiguous()`` is not enough: for ``b = 1`` it returns ``Y.T`` itself, whose strides are
     ``(1, 1)`` (PyTorch calls any stride of a size-1 dimension contiguous), and copying such a row
     into the basis took PyTorch's element-by-element path: 0.5 s instead of 0.03 s for a 124 M-entry
-    vector on two cores, two thirds of a windowed Lanczos step's vector work (BENCHMARKS.md §9).
+    vector on two cores, more than half of a windowed Lanczos step's vector work (BENCHMARKS.md §9).
     """
     b, n = Y.shape[1], Y.shape[0]
     return Y.T.contiguous().view(b, n)
