@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inner", "norms"]
+__all__ = ["dots", "inner", "norms"]
 
 #: entries of float32 vectors multiplied by one BLAS call on the CPU (its rounding grows with this length)
 CHUNK = 1 << 14
@@ -82,6 +82,11 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products ``X[i] @ Y[i]`` of ``(b, n)`` tensors, accumulated in float64 (module docs); float64."""
+    return inner(X.unsqueeze(1), Y)[:, 0]
+
+
 def norms(X: torch.Tensor) -> torch.Tensor:
     """Euclidean norms of the rows of ``X`` (``(b, n)``), accumulated in float64 (module docs); float64."""
-    return torch.sqrt(inner(X.unsqueeze(1), X)[:, 0])
+    return torch.sqrt(dots(X, X))

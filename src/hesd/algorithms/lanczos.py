@@ -18,7 +18,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
-from .inner import inner
+from .inner import dots, inner
 
 __all__ = ["LanczosResult", "as_rows", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
@@ -144,7 +144,7 @@ def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     For sharded vectors, the square root of the partial squares summed over the ranks
     (``op.reduce_inner`` is the identity otherwise).
     """
-    return torch.sqrt(op.reduce_inner(_dots(X, X))).to(X.dtype)
+    return torch.sqrt(op.reduce_inner(dots(X, X))).to(X.dtype)
 
 
 def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -157,11 +157,6 @@ def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor
     for i in range(W.shape[0]):
         W[i].addmv_(Q[i].T, h[i], alpha=-1)
     return W
-
-
-def _dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Row-wise inner products of ``(b, n)`` tensors in float64 (:func:`~hesd.algorithms.inner.inner`)."""
-    return inner(X.unsqueeze(1), Y)[:, 0]
 
 
 def as_rows(Y: torch.Tensor) -> torch.Tensor:
@@ -324,7 +319,7 @@ def lanczos_lockstep(
         if exact:
             W, alpha = basis.project(W)
         else:
-            alpha = op.reduce_inner(_dots(Q, W))
+            alpha = op.reduce_inner(dots(Q, W))
             W.addcmul_(Q, alpha[:, None].to(W.dtype), value=-1)
             W.addcmul_(Q_prev, beta_prev[:, None].to(W.dtype), value=-1)
             W = basis.orthogonalise(W)

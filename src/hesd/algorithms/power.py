@@ -19,7 +19,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
-from .inner import inner, norms
+from .inner import dots, norms
 from .probes import gaussian
 from .results import EigenResult
 
@@ -66,13 +66,10 @@ def power_iteration(
     all_conv = True
     matvecs = 0
 
-    def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # accumulated in float64 (hesd.algorithms.inner)
-        return inner(x[None, None], y[None])[0, 0]
-
     def deflate(x: torch.Tensor) -> torch.Tensor:
         for _ in range(2):
             for u in vecs:
-                x = x - dot(u, x).to(x.dtype) * u
+                x = x - dots(u[None], x[None])[0].to(x.dtype) * u
         return x
 
     for i in range(k):
@@ -82,7 +79,7 @@ def power_iteration(
         for _ in range(max_iter):
             w = deflate(op @ v)
             matvecs += 1
-            theta = float(dot(v, w))
+            theta = float(dots(v[None], w[None])[0])
             r = float(norms((w - theta * v)[None])[0])
             nw = float(norms(w[None])[0])
             if r <= tol * abs(theta) or nw == 0:
