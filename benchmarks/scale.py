@@ -193,14 +193,15 @@ def run_hesd(size: str, a) -> dict:
         plan = plan_memory(model, None, data, num_steps=STEPS, max_memory=a.max_memory)
     r["plan"], r["plan GiB"] = plan.describe(), plan.total / 2**30
     print("PLAN " + json.dumps(r["plan"]), flush=True)
-    op = timed_operator(hesd.HessianOperator(model, None, data, **plan.operator_kwargs()))
-    with phase("SLQ", r, "SLQ s"):
-        spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
-    r["SLQ HVPs"], r["SLQ products s"], r["SLQ pass s"] = op.num_matvecs, op.product_s, op.pass_s
-    r["SLQ λmax"] = float(max(spec.values[0]))
-    r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
-    r["SLQ RSS GiB"] = rss_gib()
-    del op, spec
+    if not a.skip_slq:
+        op = timed_operator(hesd.HessianOperator(model, None, data, **plan.operator_kwargs()))
+        with phase("SLQ", r, "SLQ s"):
+            spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
+        r["SLQ HVPs"], r["SLQ products s"], r["SLQ pass s"] = op.num_matvecs, op.product_s, op.pass_s
+        r["SLQ λmax"] = float(max(spec.values[0]))
+        r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
+        r["SLQ RSS GiB"] = rss_gib()
+        del op, spec
     params = list(model.parameters())
     with phase("gradient", r, "grad s"):
         torch.autograd.grad(model(**batch).loss, params)
@@ -324,6 +325,9 @@ def main() -> None:
                          "default) reuses large buffers between products in every process; 'cli' does what "
                          "`hesd analyze` does: hesd reuses them only without a memory budget (--max-memory free), "
                          "the peers always")  # fmt: skip
+    ap.add_argument("--skip-slq", action="store_true",
+                    help="hesd without its SLQ: the plan, the products, then the top-1 in a process of its own (as a "
+                         "script that wants only λmax runs it)")  # fmt: skip
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -353,6 +357,7 @@ def main() -> None:
             budget = "free" if a.max_memory is None else str(a.max_memory / 2**30)
             cmd = [sys.executable, __file__, "--child", tool, size, "--max-memory", budget, "--device", a.device,
                    "--threads", str(a.threads), "--ref-tol", str(a.ref_tol)] + ["--float64"] * a.float64  # fmt: skip
+            cmd += ["--skip-slq"] * a.skip_slq
             cmd += ["--reference", str(a.reference)] if a.reference is not None else []
             env = None
             if a.tune_allocator == "cli" and tool == "hesd" and a.max_memory is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import hesd
@@ -41,7 +42,7 @@ def test_settings_are_accepted_and_large_buffers_are_reused_on_glibc():
     assert faults["defaults"] >= pages // 2  # mapped afresh (huge pages would fault less)
     assert faults["tune"] < pages // 50, faults  # from the heap, already resident
     assert faults["small"] >= pages // 2, faults  # reuse_large=False: large buffers mapped afresh again
-    assert _allocator.MMAP_THRESHOLD == 32 * 2**20 and _allocator.TRIM_THRESHOLD < 2**31
+    assert _allocator.MMAP_THRESHOLD == 32 * 2**20 and _allocator.TRIM_THRESHOLD == -1
     assert _allocator.MMAP_MAX == 0
 
 
@@ -93,3 +94,59 @@ def test_command_line_tunes_unless_told_not_to(monkeypatch, tmp_path, env, expec
     res = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code != 0  # no results there: the command fails, after the start-up
     assert len(calls) == expected
+
+
+# In a fresh process with large buffers reused: 256 MiB filled and freed stay resident; release_before a
+# large allocation gives them back, one below RELEASE_BEFORE_BYTES does not. Prints resident MiB after each.
+_RELEASE = """
+import sys, torch
+import hesd
+from hesd.allocator import RELEASE_BEFORE_BYTES, release_before
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+assert hesd.tune_cpu_allocator() is True
+xs = [torch.empty(2**24).fill_(1.0) for _ in range(4)]
+del xs
+out = [rss()]
+assert release_before(RELEASE_BEFORE_BYTES - 1, "cpu") is False
+out.append(rss())
+assert release_before(RELEASE_BEFORE_BYTES, "cpu") is True
+out.append(rss())
+print(*out)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim is Linux-only")
+def test_release_before_a_large_allocation_hands_freed_memory_back():
+    held, small, released = map(float, subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True,
+                                                      text=True, check=True).stdout.split())  # fmt: skip
+    assert small > held - 16  # a small allocation follows: nothing released
+    assert released < held - 200, (held, small, released)  # the 256 MiB freed are no longer resident
+
+
+def test_release_before_leaves_gpu_and_small_allocations_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: calls.append(1) or True)
+    assert _allocator.release_before(2**40, "meta") is False
+    assert _allocator.release_before(_allocator.RELEASE_BEFORE_BYTES - 1, "cpu") is False
+    assert calls == []
+    assert _allocator.release_before(_allocator.RELEASE_BEFORE_BYTES, "cpu") is True and calls == [1]
+
+
+@pytest.mark.parametrize("algorithm", ["eigenvalues", "slq"])
+def test_krylov_bases_are_allocated_after_freed_memory_is_handed_back(monkeypatch, algorithm):
+    """Both Lanczos methods release freed host memory before allocating their basis, with its size."""
+    import importlib
+
+    eigen, lanczos = (importlib.import_module(f"hesd.algorithms.{m}") for m in ("eigen", "lanczos"))
+    sizes: list[int] = []
+    for module in (eigen, lanczos):
+        monkeypatch.setattr(module, "release_before", lambda nbytes, device: sizes.append(nbytes) or False)
+    A = torch.diag(torch.linspace(-1.0, 2.0, 50, dtype=torch.float64))
+    if algorithm == "eigenvalues":
+        hesd.eigenvalues(A, k=1, max_basis=8)
+        assert sizes == [9 * 50 * 8]  # the basis and the next vector, float64
+    else:
+        hesd.slq(A, 10, 2, seed=0, lockstep=1)
+        assert sizes == [10 * 50 * 8] * 2  # one basis per probe

@@ -24,7 +24,9 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["environment", "release_free_memory", "tune_cpu_allocator"]
+import torch
+
+__all__ = ["RELEASE_BEFORE_BYTES", "environment", "release_before", "release_free_memory", "tune_cpu_allocator"]
 
 # mallopt parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -33,21 +35,28 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 2**31 - 1  # trim the heap only when this much is free at its top (mallopt's largest int)
+TRIM_THRESHOLD = -1  # never trim the heap by itself (mallopt(3): -1 disables trimming); release_free_memory does
+TRIM_THRESHOLD_ENV = str(2**64 - 1)  # the same through the environment (SIZE_MAX: no free top is that large)
 TOP_PAD = 512 * 2**20  # grow the heap in steps of this much
 MMAP_MAX = 0  # no block is mmapped by malloc (glibc still maps where the heap cannot grow)
 MMAP_MAX_DEFAULT = 65536  # glibc's own (DEFAULT_MMAP_MAX)
+
+#: host allocations at least this large are preceded by :func:`release_free_memory` (:func:`release_before`)
+RELEASE_BEFORE_BYTES = 256 * 2**20
 
 
 def tune_cpu_allocator(reuse_large: bool = True) -> bool:
     """Set glibc's ``malloc`` to keep freed memory for the next Hessian-vector product.
 
     Sets ``M_MMAP_THRESHOLD`` to 32 MiB (blocks up to that size come from the heap, not from a
-    fresh ``mmap`` each time), ``M_TRIM_THRESHOLD`` to 2 GiB (the largest ``mallopt`` takes),
-    ``M_TOP_PAD`` to 512 MiB (the heap is not trimmed after each product and grows in large
-    steps) and, with ``reuse_large``, ``M_MMAP_MAX`` to 0: no block, however large, gets a
-    ``mmap`` of its own, so a large model's buffers are reused too (glibc still maps memory
-    where the heap cannot grow, as for a thread's arena). ``reuse_large=False`` puts
+    fresh ``mmap`` each time), ``M_TRIM_THRESHOLD`` to -1 (glibc never trims the heap by itself:
+    with a threshold of 2 GiB, the largest positive value ``mallopt`` takes, a 124 M-parameter
+    product that freed more than that at the heap's top had it trimmed and faulted it back in
+    on the next product — 7.8 M page faults and 58 s of system time in one 30-product top-1,
+    BENCHMARKS.md §9), ``M_TOP_PAD`` to 512 MiB (the heap grows in large steps) and, with
+    ``reuse_large``, ``M_MMAP_MAX`` to 0: no block, however large, gets a ``mmap`` of its own, so
+    a large model's buffers are reused too (glibc still maps memory where the heap cannot grow,
+    as for a thread's arena). ``reuse_large=False`` puts
     ``M_MMAP_MAX`` back to glibc's default. These are process-wide settings, equivalent to the
     environment variables of :func:`environment`. Freed memory then stays with the process, up
     to the peak of the analysis, and the heap can fragment: with large buffers reused, GPT-2
@@ -98,14 +107,15 @@ def environment(reuse_large: bool = True) -> dict[str, str]:
     """
     mmap_max = MMAP_MAX if reuse_large else MMAP_MAX_DEFAULT
     return {"MALLOC_MMAP_MAX_": str(mmap_max), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}  # fmt: skip
+            "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD_ENV, "MALLOC_TOP_PAD_": str(TOP_PAD)}  # fmt: skip
 
 
 def release_free_memory() -> bool:
     """Hand memory that ``malloc`` holds but no tensor uses back to the OS (glibc ``malloc_trim(0)``).
 
     The memory planner calls it after its one-batch probe (:mod:`hesd.operators.footprint`), so
-    that the probe's freed buffers do not stay resident beside the analysis that follows.
+    that the probe's freed buffers do not stay resident beside the analysis that follows, and the
+    Lanczos algorithms call it (:func:`release_before`) before they allocate a large basis.
 
     Returns:
         ``True`` if memory was released; ``False`` where there is no glibc or nothing to release.
@@ -118,3 +128,32 @@ def release_free_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
+
+
+def release_before(nbytes: int, device: torch.device | str) -> bool:
+    """:func:`release_free_memory` before allocating ``nbytes`` on the host, if that is a large block.
+
+    With large buffers reused (:func:`tune_cpu_allocator`), the memory a phase of an analysis
+    freed — the products and first-order passes before it — stays resident, cut into the blocks
+    that phase used. A Lanczos basis allocated next rarely fits those holes, so it is placed
+    above them and resident memory grows by the whole basis on top of the last phase's peak:
+    GPT-2 small's top-1 after the other measurements went from 7.29 to 14.22 GiB under an 8.5 GiB
+    plan (BENCHMARKS.md §9). Handing the freed memory back first costs one page fault per page
+    the next products touch again, once per basis (the algorithm's products then reuse it).
+    Allocations below :data:`RELEASE_BEFORE_BYTES`, and any on a GPU, are left alone.
+
+    Args:
+        nbytes: the size of the allocation that follows.
+        device: where it is made.
+
+    Returns:
+        whether memory was released.
+
+    Examples:
+        >>> from hesd.allocator import release_before
+        >>> release_before(1024, "cpu")  # small: nothing done
+        False
+    """
+    if torch.device(device).type != "cpu" or nbytes < RELEASE_BEFORE_BYTES:
+        return False
+    return release_free_memory()

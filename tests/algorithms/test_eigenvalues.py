@@ -233,3 +233,37 @@ def test_lanczos_errors():
         lanczos(A, torch.ones(3, dtype=torch.float64), 2, reorth="some")
     with pytest.raises(ValueError, match="window"):
         lanczos(A, torch.ones(3, dtype=torch.float64), 2, reorth="window")
+
+
+@pytest.mark.parametrize("n", [0, 5, 16, 47, 96, 97, 100, 111, 128])
+def test_gaussian_draws_in_chunks_the_values_of_one_draw(monkeypatch, n):
+    """Chunks of 32 (so a last chunk of 1 to 15 entries joins the one before): one float64 randn's values."""
+    from hesd.algorithms import probes
+
+    whole = torch.randn(n, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    monkeypatch.setattr(probes, "GAUSSIAN_CHUNK", 32)
+    assert torch.equal(probes.gaussian(n, 11, torch.float64, torch.device("cpu")), whole)
+    out = torch.full((n,), float("nan"))
+    assert probes.gaussian(n, 11, torch.float32, torch.device("cpu"), out=out) is out
+    assert torch.equal(out, whole.float())
+
+
+def test_the_start_vector_is_built_in_place_as_the_normalised_mix(monkeypatch):
+    """With the hint, the start is (z/‖z‖ + d/‖d‖) normalised, z one seeded float64 draw: built in blocks of
+    the basis, it gives the same run as passing that vector as v0."""
+    import importlib
+
+    eigen = importlib.import_module("hesd.algorithms.eigen")
+    n = 300
+    evals = torch.cat([torch.linspace(0.0, 1.0, n - 3), torch.tensor([1.2, 1.3, 1.5])])
+    Qm, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3)))
+    A = (Qm * evals) @ Qm.T
+    d = Qm[:, -3:].sum(1) + 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
+    v0 = z / z.double().norm() + d / d.double().norm()
+    monkeypatch.setattr(eigen, "_RESTART_COLUMNS", 7)  # blocks that do not divide n
+    hinted = hesd.eigenvalues(_Hinted(A, d), k=2, tol=1e-5, seed=5, return_eigenvectors=True)
+    given = hesd.eigenvalues(A, k=2, tol=1e-5, v0=v0, return_eigenvectors=True)
+    assert hinted.num_matvecs == given.num_matvecs
+    assert torch.equal(hinted.eigenvalues, given.eigenvalues) and torch.equal(hinted.eigenvectors, given.eigenvectors)
+    assert torch.allclose(hinted.eigenvalues, torch.tensor([1.5, 1.3]), atol=1e-4)

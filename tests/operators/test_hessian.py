@@ -401,3 +401,30 @@ def test_tf32_is_off_inside_products_and_settings_are_restored(allow_tf32):
         assert torch.backends.cudnn.allow_tf32 == before[0]
     finally:
         torch.set_float32_matmul_precision(before[1])
+
+
+@pytest.mark.parametrize("method", ["double_backward", "graph", "func"])
+def test_weighted_batches_multiply_views_of_the_vector_not_scaled_copies(monkeypatch, method):
+    """Batches of unequal weight: every backward gets a view of V (the weight scales the result), and the
+    product is still the dense Hessian's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    data = [(torch.randn(r, 5, dtype=torch.float64), torch.randint(0, 3, (r,))) for r in (4, 9, 2)]
+    op = hesd.HessianOperator(model, CE, data, hvp_method=method, batch_columns=2 if method == "graph" else 1)
+    V = torch.randn(op.shape[0], 2, dtype=torch.float64)
+    seen: list[bool] = []
+    inside = V.untyped_storage().data_ptr()
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kw):
+        if grad_outputs is not None and isinstance(grad_outputs, torch.Tensor) and grad_outputs.numel() >= V.shape[0]:
+            seen.append(grad_outputs.untyped_storage().data_ptr() == inside)
+        return real_grad(outputs, inputs, grad_outputs=grad_outputs, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    HV = op @ V
+    monkeypatch.undo()
+    H = hesd.exact_hessian(model, CE, data)  # checked against central differences above
+    assert torch.allclose(HV, H @ V, rtol=0, atol=1e-10)
+    if method != "func":  # forward-over-reverse takes no grad_outputs
+        assert seen and all(seen), seen

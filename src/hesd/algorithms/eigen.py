@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import release_before
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
@@ -147,22 +148,29 @@ def eigenvalues(
     def norm(x: torch.Tensor) -> torch.Tensor:
         return row_norms(x.unsqueeze(0), op)[0]
 
-    def draw(s: int) -> torch.Tensor:  # drawn whole, this rank's rows kept
-        g = gaussian(n, s, dtype, device)
-        return op.local_rows(g.unsqueeze(1)).squeeze(1) if op.sharded else g
+    def draw(s: int, out: torch.Tensor | None = None) -> torch.Tensor:  # drawn whole, this rank's rows kept
+        if not op.sharded:
+            return gaussian(n, s, dtype, device, out=out)
+        g = op.local_rows(gaussian(n, s, dtype, device).unsqueeze(1)).squeeze(1)
+        return g if out is None else out.copy_(g)
 
+    release_before((m_max + 1) * rows * torch.empty(0, dtype=dtype).element_size(), device)  # hesd.allocator
     Q = torch.zeros(m_max + 1, rows, dtype=dtype, device=device)
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
+    q = Q[0]  # the start is built in place: no vector-sized temporaries beside the basis
     if v0 is not None:
-        q = v0.to(device=device, dtype=dtype).reshape(-1)
-        if op.sharded and q.numel() == n != rows:
-            q = op.local_rows(q.unsqueeze(1)).squeeze(1)
+        v = v0.to(device=device, dtype=dtype).reshape(-1)
+        q.copy_(op.local_rows(v.unsqueeze(1)).squeeze(1) if op.sharded and v.numel() == n != rows else v)
     else:
-        q = draw(seed)
+        draw(seed, out=q)
         hint = op.start_direction() if start_hint and which != "SA" else None
         if hint is not None:
-            q = q / norm(q) + hint.to(device=device, dtype=dtype) / norm(hint)
-    Q[0] = q / norm(q)
+            hint = hint.to(device=device, dtype=dtype).reshape(-1)
+            q.div_(norm(q))
+            h = norm(hint)
+            for c in range(0, rows, _RESTART_COLUMNS):  # q += hint / ‖hint‖, a block at a time
+                q[c : c + _RESTART_COLUMNS] += hint[c : c + _RESTART_COLUMNS] / h
+    q.div_(norm(q))
     j = 0  # number of basis vectors with a filled column of T
     matvecs = 0
     restarts = 0

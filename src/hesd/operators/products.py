@@ -22,7 +22,7 @@ so a new product method is one function here and one entry there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ from .loss import LossBatch
 __all__ = [
     "PASSES",
     "accumulate",
+    "accumulate_parameters",
     "column_blocks",
     "double_backward_product",
     "forward_over_reverse_product",
@@ -43,26 +44,54 @@ __all__ = [
 ]
 
 
-def column_blocks(V: torch.Tensor, width: int, w: float) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Column slices of at most ``width`` columns and ``w · V[:, cols]`` (no copy when ``w`` is 1)."""
+def column_blocks(V: torch.Tensor, width: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Column slices of at most ``width`` columns, and ``V[:, cols]`` (a view).
+
+    The batch's weight is applied to the results (:func:`accumulate`), so no scaled copy of
+    ``V`` is held.
+    """
     for start in range(0, V.shape[1], width):
         cols = slice(start, min(start + width, V.shape[1]))
-        yield cols, (V[:, cols] if w == 1.0 else V[:, cols] * w)
+        yield cols, V[:, cols]
 
 
-def accumulate(out: torch.Tensor | None, V: torch.Tensor, cols: slice, r: torch.Tensor) -> torch.Tensor:
-    """Add the block result ``r`` to columns ``cols`` of ``out``.
+def accumulate(out: torch.Tensor | None, V: torch.Tensor, cols: slice, r: torch.Tensor, w: float) -> torch.Tensor:
+    """Add ``w · r``, the block result, to columns ``cols`` of ``out``.
 
-    The first result that spans every column becomes ``out`` itself (no zero-filled buffer,
-    no extra addition). A half-precision result is accumulated in float32.
+    The first result that spans every column becomes ``out`` itself, scaled in place (no
+    zero-filled buffer, no extra addition; copied only if it shares memory with ``V``, as the
+    product of a loss whose gradient is the identity can). A half-precision result is
+    accumulated in float32. Weighting the result instead of the vector saves a vector-sized
+    copy per batch: 0.5 GB at 124 M parameters, where products run in micro-batches.
     """
     if r.dtype in (torch.bfloat16, torch.float16):
         r = r.float()
     if out is None:
         if r.shape[1] == V.shape[1]:
-            return r
+            if w == 1.0:
+                return r
+            shared = r.untyped_storage().data_ptr() == V.untyped_storage().data_ptr()
+            return r * w if shared else r.mul_(w)
         out = torch.zeros(V.shape, dtype=r.dtype, device=V.device)
-    out[:, cols] += r
+    out[:, cols].add_(r, alpha=w)
+    return out
+
+
+def accumulate_parameters(
+    out: torch.Tensor | None, V: torch.Tensor, cols: slice, layout: ParameterLayout, hv: Sequence[torch.Tensor | None],
+    w: float,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`accumulate` for one column given as per-parameter tensors ``hv``.
+
+    Into a one-column ``out`` each tensor is added where its parameter lies, with no flat copy
+    of the column (0.5 GB at 124 M parameters, on every micro-batch after the first); else it is
+    flattened first.
+    """
+    if out is None or out.shape[1] != 1:
+        return accumulate(out, V, cols, layout.flatten(hv)[:, None], w)
+    for view, t in zip(layout.unflatten(out[:, 0]), hv, strict=True):
+        if t is not None:
+            view.add_(t, alpha=w)
     return out
 
 
@@ -73,15 +102,15 @@ def kept_graph_product(
     """``out + w · H_b V`` through one batch's kept first-order graph ``flat`` (``None``: :math:`H_b = 0`)."""
     if flat is None:
         return out
-    for cols, block in column_blocks(V, width, w):
+    for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = torch.autograd.grad(flat, layout.params, grad_outputs=block[:, 0], retain_graph=True,
                                      allow_unused=True, materialize_grads=True)  # fmt: skip
-            out = accumulate(out, V, cols, layout.flatten(hv)[:, None])
+            out = accumulate_parameters(out, V, cols, layout, hv, w)
             continue
         hv = torch.autograd.grad(flat, layout.params, grad_outputs=block.T, retain_graph=True, allow_unused=True,
                                  is_grads_batched=True)  # fmt: skip
-        out = accumulate(out, V, cols, layout.flatten_columns(hv, block.shape[1]))
+        out = accumulate(out, V, cols, layout.flatten_columns(hv, block.shape[1]), w)
     return out
 
 
@@ -107,13 +136,13 @@ def forward_over_reverse_product(
     def hvp(tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
 
-    for cols, block in column_blocks(V, width, w):
+    for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = hvp(layout.as_dict(layout.unflatten(block[:, 0])))
-            out = accumulate(out, V, cols, layout.flatten([hv[n] for n in layout.names])[:, None])
+            out = accumulate_parameters(out, V, cols, layout, [hv[n] for n in layout.names], w)
             continue
         hv = torch.func.vmap(hvp)(layout.as_dict(layout.unflatten_columns(block)))
-        out = accumulate(out, V, cols, layout.flatten_columns([hv[n] for n in layout.names], block.shape[1]))
+        out = accumulate(out, V, cols, layout.flatten_columns([hv[n] for n in layout.names], block.shape[1]), w)
     return out
 
 
