@@ -59,19 +59,16 @@ def accumulate(out: torch.Tensor | None, V: torch.Tensor, cols: slice, r: torch.
     """Add ``w · r``, the block result, to columns ``cols`` of ``out``.
 
     The first result that spans every column becomes ``out`` itself, scaled in place (no
-    zero-filled buffer, no extra addition; copied only if it shares memory with ``V``, as the
-    product of a loss whose gradient is the identity can). A half-precision result is
-    accumulated in float32. Weighting the result instead of the vector saves a vector-sized
-    copy per batch: 0.5 GB at 124 M parameters, where products run in micro-batches.
+    zero-filled buffer, no extra addition; ``r`` is always a new tensor, the concatenation of
+    the per-parameter results). A half-precision result is accumulated in float32. Weighting the
+    result instead of the vector saves a vector-sized copy per batch: 0.5 GB at 124 M
+    parameters, where products run in micro-batches.
     """
     if r.dtype in (torch.bfloat16, torch.float16):
         r = r.float()
     if out is None:
         if r.shape[1] == V.shape[1]:
-            if w == 1.0:
-                return r
-            shared = r.untyped_storage().data_ptr() == V.untyped_storage().data_ptr()
-            return r * w if shared else r.mul_(w)
+            return r if w == 1.0 else r.mul_(w)
         out = torch.zeros(V.shape, dtype=r.dtype, device=V.device)
     out[:, cols].add_(r, alpha=w)
     return out
