@@ -154,7 +154,7 @@ def eigenvalues(
         g = op.local_rows(gaussian(n, s, dtype, device).unsqueeze(1)).squeeze(1)
         return g if out is None else out.copy_(g)
 
-    release_before((m_max + 1) * rows * torch.empty(0, dtype=dtype).element_size(), device)  # hesd.allocator
+    release_before((m_max + 1) * rows * dtype.itemsize, device)  # hesd.allocator
     Q = torch.zeros(m_max + 1, rows, dtype=dtype, device=device)
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
     q = Q[0]  # the start is built in place: no vector-sized temporaries beside the basis

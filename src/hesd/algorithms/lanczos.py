@@ -63,8 +63,7 @@ class _Basis:
         self.device = torch.device(device) if device is not None else op.device
         self.op_dtype, self.op_device = op.dtype, op.device
         self.reduce = op.reduce_inner  # sums partial inner products over ranks when vectors are sharded
-        item = torch.empty(0, dtype=self.dtype).element_size()
-        release_before(b * self.size * n * item, self.device)  # freed memory back first (hesd.allocator)
+        release_before(b * self.size * n * self.dtype.itemsize, self.device)  # freed memory back first (hesd.allocator)
         self.store = torch.empty(b, self.size, n, dtype=self.dtype, device=self.device) if self.size else None
         self.count = 0
 

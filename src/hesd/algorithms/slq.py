@@ -45,7 +45,7 @@ def plan_basis(dim: int, num_steps: int, dtype: torch.dtype, budget_bytes: int) 
     Returns:
         keyword arguments for :func:`slq` plus ``basis_bytes``.
     """
-    item = torch.empty(0, dtype=dtype).element_size()
+    item = dtype.itemsize
     steps = min(num_steps, dim)
     if steps * dim * item <= budget_bytes:
         return {"reorth": "full", "basis_dtype": None, "window": None, "basis_bytes": steps * dim * item}
