@@ -5,8 +5,9 @@ model's own loss (the peers: its shifted cross-entropy over the logits, the same
 (tool, size) runs in a fresh process, so that its peak resident memory (``ru_maxrss``) is its
 own. Per run, as far as the tool can go:
 
-* ``grad s`` — one gradient; ``HVP s`` — one product (hesd: first-order graph kept; eigenthings:
-  its autograd product); ``FD s`` — one finite-difference product (hesd, eigenthings);
+* ``grad s`` — one gradient; ``HVP s`` — one product (hesd: the median of three under the plan,
+  after the one that starts the first-order pass, and each loop's products are timed one by one;
+  eigenthings: its autograd product); ``FD s`` — one finite-difference product (hesd, eigenthings);
 * ``top-1`` — the largest eigenvalue at tolerance 1e-3: seconds, products, and its relative
   error against hesd's reference value (hesd runs first and hands it on, or ``--reference``): the
   two largest eigenvalues by restarted Lanczos from another random start with a 16-vector basis,
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,7 +170,8 @@ def timed_operator(op):
             t = time.perf_counter()
             out = super()._matmat(V)
             sync()
-            self.product_s += time.perf_counter() - t
+            self.product_times.append(time.perf_counter() - t)
+            self.product_s += self.product_times[-1]
             return out
 
         def prepare(self):
@@ -177,7 +180,7 @@ def timed_operator(op):
             sync()
             self.pass_s += time.perf_counter() - t
 
-    op.__class__, op.product_s, op.pass_s = Timed, 0.0, 0.0
+    op.__class__, op.product_s, op.pass_s, op.product_times = Timed, 0.0, 0.0, []
     return op
 
 
@@ -198,6 +201,7 @@ def run_hesd(size: str, a) -> dict:
         with phase("SLQ", r, "SLQ s"):
             spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
         r["SLQ HVPs"], r["SLQ products s"], r["SLQ pass s"] = op.num_matvecs, op.product_s, op.pass_s
+        r["SLQ product times"] = op.product_times
         r["SLQ λmax"] = float(max(spec.values[0]))
         r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
         r["SLQ RSS GiB"] = rss_gib()
@@ -209,20 +213,24 @@ def run_hesd(size: str, a) -> dict:
     v = torch.randn(op.shape[0], device=DEVICE)
     with phase("first product", r):
         op @ v  # first-order pass (graphs kept as the plan allows)
-    with phase("product", r, "HVP s"):
-        op @ v
+    with phase("products (3)", r):  # one product: the median of three (one sample varied by 11 % between runs)
+        k0 = len(op.product_times)
+        for _ in range(3):
+            op @ v
+    r["HVP times"] = op.product_times[k0:]
+    r["HVP s"] = statistics.median(r["HVP times"])
     fd = hesd.HessianOperator(model, None, data, hvp_method="finite_difference", check_deterministic=False)
     fd @ v
     with phase("finite-difference product", r, "FD s"):
         fd @ v
     del fd, v
-    n0, p0 = op.num_matvecs, op.product_s
+    n0, p0, t0 = op.num_matvecs, op.product_s, len(op.product_times)
     basis = plan.eigen_basis  # the restarted Lanczos basis within the plan's basis memory
     r["eigen basis"] = basis
     with phase("top-1", r, "top-1 s"):
         top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
-    r["top-1 products s"] = op.product_s - p0
+    r["top-1 products s"], r["top-1 product times"] = op.product_s - p0, op.product_times[t0:]
     if a.reference is not None:  # given: not recomputed
         return float64_reference(model, batch, r, a) | {
             "reference": a.reference,
@@ -406,6 +414,13 @@ def main() -> None:
                       f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one):.3f} "
                       f"({r.get('top-1 HVPs', '?')} products; restart basis {r.get('eigen basis', '?')})",
                       flush=True)  # fmt: skip
+                spread = ", ".join(
+                    f"{name} {statistics.median(ts):.2f} (first {ts[0]:.2f}, min {min(ts):.2f}, max {max(ts):.2f})"
+                    for name, key in (("in the SLQ", "SLQ product times"), ("in the top-1", "top-1 product times"))
+                    if (ts := r.get(key))
+                )  # fmt: skip
+                alone = ", ".join(f"{t:.2f}" for t in r.get("HVP times", []))
+                print(f"      product seconds: alone {alone}; median {spread}", flush=True)
                 slq, top1 = r.get("SLQ s", math.nan), r.get("top-1 s", math.nan)
                 sp, sh, tp = (r.get(k, math.nan) for k in ("SLQ pass s", "SLQ products s", "top-1 products s"))
                 print(f"      inside: SLQ {slq:.1f} s = first-order pass {sp:.1f} + products {sh:.1f} + the rest "

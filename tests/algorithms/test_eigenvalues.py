@@ -267,3 +267,27 @@ def test_the_start_vector_is_built_in_place_as_the_normalised_mix(monkeypatch):
     assert hinted.num_matvecs == given.num_matvecs
     assert torch.equal(hinted.eigenvalues, given.eigenvalues) and torch.equal(hinted.eigenvectors, given.eigenvectors)
     assert torch.allclose(hinted.eigenvalues, torch.tensor([1.5, 1.3]), atol=1e-4)
+
+
+def test_the_first_pass_is_local_except_after_a_restart(monkeypatch):
+    """Each expansion's first Gram-Schmidt pass reads q_{j-1} and q_j only, except the column after a thick
+    restart (it couples to every kept Ritz vector); the second pass reads the whole basis. On a float32
+    operator with many restarts the eigenpairs still match float64 ``eigvalsh`` and stay orthonormal."""
+    import hesd.algorithms.eigen as eigen
+
+    widths: list[int] = []
+    real = eigen.inner
+    monkeypatch.setattr(eigen, "inner", lambda Q, w: widths.append(Q.shape[1]) or real(Q, w))
+    A, eigs = _indefinite(n=400, seed=6)
+    res = hesd.eigenvalues(A.float(), k=3, tol=1e-5, max_basis=8, max_matvecs=3000, return_eigenvectors=True)
+    assert res.converged and res.info["restarts"] >= 3
+    first, second = widths[0::2], widths[1::2]  # no breakdown here: two passes per product
+    assert len(first) == len(second) == res.num_matvecs
+    full = [f for f, s in zip(first, second, strict=True) if f == s and f > 2]
+    assert first[0] == 1 and len(full) == res.info["restarts"]  # the start, then one per restart
+    assert all(f == 2 for f, s in zip(first[1:], second[1:], strict=True) if not (f == s and f > 2))
+    top = eigs.flip(0)[:3]
+    assert torch.allclose(res.eigenvalues.double(), top, rtol=1e-5, atol=0), (res.eigenvalues, top)
+    V = res.eigenvectors.double()
+    assert torch.allclose(V.T @ V, torch.eye(3, dtype=torch.float64), atol=1e-5)
+    assert ((A @ V - V * top).norm(dim=0) <= 1e-4 * top.abs().max()).all()

@@ -263,3 +263,46 @@ def test_lanczos_lockstep_errors():
         hesd.algorithms.lanczos_lockstep(A, torch.zeros(4, 2, dtype=torch.float64), 2)
     with pytest.raises(ValueError, match="lockstep"):
         hesd.slq(A, num_steps=2, lockstep=0)
+
+
+@pytest.mark.parametrize(("reorth", "window"), [("full", None), ("window", 3), ("window", 4)])
+def test_the_local_pass_reads_q_prev_and_q_in_one_product_unless_a_window_wraps(monkeypatch, reorth, window):
+    """``_Basis.project``'s first pass multiplies q_{j-1} and q_j together when their slots are adjacent and
+    splits where a window wraps between them; the coefficients equal those of a pass per vector (float64)."""
+    import sys
+
+    lz = sys.modules["hesd.algorithms.lanczos"]  # the package's `lanczos` is the function
+    eigs = torch.cat([torch.linspace(-2, 1, 298, dtype=torch.float64), torch.tensor([3.0, 5.0])])
+    A = random_symmetric(300, eigs, seed=2)
+    v0 = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    widths: list[int] = []
+    real = lz.inner
+    monkeypatch.setattr(lz, "inner", lambda Q, W: widths.append(Q.shape[1]) or real(Q, W))
+    res = lz.lanczos(A, v0, 40, reorth=reorth, window=window)
+    size = 40 if window is None else window
+    expected = [1, 1]  # step 0: q_0, then the basis (q_0)
+    for j in range(1, 40):
+        wraps = window is not None and j % size == 0  # q_j in slot 0, q_{j-1} in the last slot
+        expected += ([1, 1] if wraps else [2]) + [min(j + 1, size)]
+    assert widths[: len(expected)] == expected
+    # against the recurrence with one Gram-Schmidt pass per vector (modified), twice, over the same vectors
+    Q, alphas, betas = [v0 / v0.norm()], [], []
+    for j in range(40):
+        w = A @ Q[j]
+        kept = Q if window is None else Q[-size:]
+        coef = 0.0
+        for _ in range(2):
+            for q in kept:
+                c = q @ w
+                w = w - c * q
+                coef = coef + c if q is Q[j] else coef
+        alphas.append(float(coef))
+        if j < 39:
+            betas.append(float(w.norm()))
+            Q.append(w / w.norm())
+    # a window loses orthogonality once λmax converges, and from there rounding differences grow: compare before
+    m = 40 if window is None else 10
+    assert torch.allclose(res.alpha[:m], torch.tensor(alphas[:m], dtype=torch.float64), rtol=0, atol=1e-10)
+    assert torch.allclose(res.beta[:m], torch.tensor(betas[:m], dtype=torch.float64), rtol=0, atol=1e-10)
+    T = torch.diag(res.alpha) + torch.diag(res.beta, 1) + torch.diag(res.beta, -1)
+    assert abs(torch.linalg.eigvalsh(T)[-1] - 5.0) < 1e-10

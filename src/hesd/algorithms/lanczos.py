@@ -104,9 +104,11 @@ class _Basis:
         Gram-Schmidt twice on :math:`w = A q_j`, the first pass local, the second over every
         stored vector (the whole basis, or with ``reorth="window"`` the window):
 
-        1. against :math:`q_{j-1}`, then :math:`q_j`: coefficients :math:`h`, whose last entry is
-           :math:`\alpha_j = q_j^\top A q_j` (the other is :math:`\beta_{j-1}`). This is the
-           three-term recurrence written as a projection. Along every older :math:`q_i`,
+        1. against :math:`q_{j-1}` and :math:`q_j` together (classical Gram-Schmidt on two
+           orthonormal vectors; two passes where a window wraps between their slots):
+           coefficients :math:`h`, whose last entry is :math:`\alpha_j = q_j^\top A q_j` (the
+           other is :math:`\beta_{j-1}`). This is the three-term recurrence written as a
+           projection. Along every older :math:`q_i`,
            :math:`q_i^\top A q_j = (A q_i)^\top q_j` is of order :math:`\epsilon\|A\|`,
            because :math:`A q_i` lies in :math:`\operatorname{span}(q_0 \dots q_{i+1})` up to the
            rounding that step :math:`i` removed.
@@ -120,20 +122,22 @@ class _Basis:
         orthogonality to rounding ("twice is enough" needs a nearly orthogonal input, not a
         full first pass; ``tests/algorithms`` checks the orthogonality on hard float32 spectra).
 
-        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations
-        (``benchmarks/profile_hesd.py --task lanczos``; BENCHMARKS.md §5).
+        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations (6 where
+        a window wraps between the slots of :math:`q_{j-1}` and :math:`q_j`;
+        ``benchmarks/profile_hesd.py --task lanczos``; BENCHMARKS.md §5).
 
         Returns the orthogonalised ``W`` and ``alpha``.
         """
         assert self.store is not None  # project() runs only with stored vectors (exact)
-        for back in (1, 0) if self.count >= 2 else (0,):  # q_{j-1}, q_j: the O(1) components of A q_j
-            q = self.store[:, self._slot(back)].unsqueeze(1)
+        first = self._slot(min(self.count - 1, 1))  # q_{j-1} (or q_0 at the start) to q_j: the O(1) components
+        for lo, hi in ((first, self._slot(0) + 1),) if first <= self._slot(0) else ((first, first + 1), (0, 1)):
+            q = self.store[:, lo:hi]  # adjacent slots in one pass; a window that wraps between them in two
             h = self.reduce(inner(q, W))  # float64; the last, along q_j, is alpha_j
             _subtract(W, q, h)
         Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
         h2 = self.reduce(inner(Q, W))
         _subtract(W, Q, h2)
-        return W, (h[:, 0] + h2[:, self._slot(0)])
+        return W, (h[:, -1] + h2[:, self._slot(0)])
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.store is not None:
