@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hesd
-from hesd.algorithms.inner import inner, norms
+from hesd.algorithms.inner import CHUNK, inner, norms
 from hesd.algorithms.lanczos import as_rows
 from hesd.operators.linear import LinearOperator
 
@@ -40,6 +40,17 @@ def test_inner_and_norms_of_long_float32_vectors_are_accurate_where_one_blas_cal
     X = Q * 2 - 1
     scale = torch.einsum("bkn,bn->bk", X.double().abs(), W.double())
     assert float(((inner(X, W) - torch.einsum("bkn,bn->bk", X.double(), W.double())).abs() / scale).max()) < 1e-8
+
+
+@pytest.mark.parametrize("n", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+def test_float32_chunks_cover_every_length(n):
+    """Lengths around the chunk size, and empty vectors (an empty shard), for several recurrences."""
+    g = torch.Generator().manual_seed(n)
+    Q, W = torch.randn(3, 2, n, generator=g), torch.randn(3, n, generator=g)
+    got = inner(Q, W)
+    assert got.shape == (3, 2) and got.dtype == torch.float64
+    want = torch.einsum("bkn,bn->bk", Q.double(), W.double())
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * max(1.0, n**0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -72,7 +72,7 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     b, k, n = Q.shape
     if Q.dtype == torch.float32 and W.dtype == torch.float32:
         out = torch.empty(b, k, dtype=torch.float64, device=W.device)
-        parts = torch.empty(-(-n // CHUNK), k, dtype=torch.float32, device=W.device)  # one row per chunk
+        parts = torch.empty(max(1, -(-n // CHUNK)), k, dtype=torch.float32, device=W.device)  # a row per split chunk
         for i in range(b):  # one gemv per recurrence and chunk: CPU bmm over b > 1 copies its operands
             for part, q, w in zip(parts.unbind(0), Q[i].split(CHUNK, 1), W[i].split(CHUNK), strict=True):
                 torch.mv(q, w, out=part)  # views made in one call each: the loop is one dispatch per chunk
