@@ -150,3 +150,72 @@ def test_krylov_bases_are_allocated_after_freed_memory_is_handed_back(monkeypatc
     else:
         hesd.slq(A, 10, 2, seed=0, lockstep=1)
         assert sizes == [10 * 50 * 8] * 2  # one basis per probe
+
+
+def test_host_available_reads_what_the_host_can_give():
+    available = _allocator.host_available()
+    if sys.platform.startswith("linux"):
+        assert available is not None and 0 < available
+    else:  # pragma: no cover - not Linux
+        assert available is None
+
+
+@pytest.mark.parametrize(("available", "reserve", "released"), [
+    (2**30, None, False),  # no reserve: nothing done
+    (2**30, 2**30, False),  # exactly the reserve left
+    (2**30 - 1, 2**30, True),
+    (None, 2**30, False),  # nothing known of the host
+])  # fmt: skip
+def test_release_when_low_hands_memory_back_only_below_the_reserve(monkeypatch, available, reserve, released):
+    calls: list[int] = []
+    monkeypatch.setattr(_allocator, "host_available", lambda: available)
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: calls.append(1) or True)
+    assert _allocator.release_when_low(reserve) is released
+    assert calls == ([1] if released else [])
+
+
+@pytest.mark.parametrize(("reserve", "available", "calls"), [
+    (None, 0, []),
+    (0, 2**31, []),
+    (2**20, 2**31, []),  # room for the graphs and every product
+    (2**20, 2**20 + 2**29, [0]),  # room for a product, not for the graphs too: only before the first
+    (2**20, 2**20 - 1, [0, 1, 2]),  # no room for a product: before each (a block of columns is one)
+])  # fmt: skip
+def test_the_operator_hands_freed_memory_back_before_a_product_that_would_not_find_its_reserve(
+    monkeypatch, reserve, available, calls
+):
+    counted: list[int] = []
+    monkeypatch.setattr(_allocator, "host_available", lambda: available)
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: counted.append(len(done)) or True)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    data = [(torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))]
+    loss = torch.nn.functional.cross_entropy
+    op = hesd.HessianOperator(model, loss, data, host_reserve=reserve, memory_budget=2**30)
+    ref = hesd.HessianOperator(model, loss, data)
+    V = torch.randn(op.shape[0], 2, generator=g, dtype=torch.float64)
+    done: list[torch.Tensor] = []
+    for x in (V[:, 0], V[:, 1], V):
+        done.append(op @ x)
+    assert counted == calls  # the index of each product that released first
+    for got, want in zip(done, [ref @ V[:, 0], ref @ V[:, 1], ref @ V], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [-1, True, "8G"])
+def test_host_reserve_must_be_bytes(bad):
+    model = torch.nn.Linear(3, 2)
+    data = [(torch.randn(4, 3), torch.randn(4, 2))]
+    with pytest.raises(hesd.HesdValueError, match=r"HessianOperator: host_reserve must be a non-negative number of "
+                       r"bytes, got"):  # fmt: skip
+        hesd.HessianOperator(model, torch.nn.functional.mse_loss, data, host_reserve=bad)
+
+
+def test_a_host_plan_keeps_one_products_transient_peak_available():
+    from hesd.analysis.memory_plan import plan_memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    data = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(2)]
+    plan = plan_memory(model, torch.nn.functional.cross_entropy, data, num_steps=10, max_memory=2**30)
+    assert plan.host_reserve == int(plan.parts["product"]) > 0
+    assert plan.operator_kwargs()["host_reserve"] == plan.host_reserve

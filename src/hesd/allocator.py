@@ -26,7 +26,15 @@ import sys
 
 import torch
 
-__all__ = ["RELEASE_BEFORE_BYTES", "environment", "release_before", "release_free_memory", "tune_cpu_allocator"]
+__all__ = [
+    "RELEASE_BEFORE_BYTES",
+    "environment",
+    "host_available",
+    "release_before",
+    "release_free_memory",
+    "release_when_low",
+    "tune_cpu_allocator",
+]
 
 # mallopt parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -155,5 +163,51 @@ def release_before(nbytes: int, device: torch.device | str) -> bool:
         False
     """
     if torch.device(device).type != "cpu" or nbytes < RELEASE_BEFORE_BYTES:
+        return False
+    return release_free_memory()
+
+
+def host_available() -> int | None:
+    """Bytes the host can still give (``MemAvailable`` in ``/proc/meminfo``, as ``free`` counts), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable caches
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        pass
+    return None
+
+
+def release_when_low(reserve: int | None) -> bool:
+    """:func:`release_free_memory` if the host has less than ``reserve`` bytes available.
+
+    :class:`hesd.HessianOperator` calls it before each product with its ``host_reserve``, which a
+    memory plan sets to one product's transient peak (before the first product, plus the graphs
+    the operator may keep): the product must find that much. With
+    large buffers reused (:func:`tune_cpu_allocator`), freed blocks stay resident and the heap
+    fragments (a small allocation cut from a freed vector-sized block leaves the rest too small
+    for the next vector, which is then placed above it): at 40 M parameters resident memory grew
+    20 % beyond a plan that PyTorch's allocations matched, and at 124 M, under a plan for the
+    memory the machine had free, until less than 0.5 GiB was left (BENCHMARKS.md §9). Handing the
+    free blocks back costs faulting in again what the next product reuses, so it is done only
+    when memory runs low, not to hold a budget (the command line maps large buffers afresh when
+    a budget is given).
+
+    Args:
+        reserve: bytes that must stay available (``None``: nothing done).
+
+    Returns:
+        whether memory was released.
+
+    Examples:
+        >>> from hesd.allocator import release_when_low
+        >>> release_when_low(None), release_when_low(0)
+        (False, False)
+    """
+    if reserve is None:
+        return False
+    available = host_available()
+    if available is None or available >= reserve:
         return False
     return release_free_memory()

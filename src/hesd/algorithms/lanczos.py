@@ -67,12 +67,18 @@ class _Basis:
         self.store = torch.empty(b, self.size, n, dtype=self.dtype, device=self.device) if self.size else None
         self.count = 0
 
-    def add(self, Q: torch.Tensor) -> None:
+    def add(self, Q: torch.Tensor) -> torch.Tensor:
+        """Store ``Q`` (``(b, n)``) as the latest vectors; return them as the recurrence should hold them.
+
+        With :attr:`exact` storage that is a view of the stored copy, so the recurrence keeps no
+        vector of its own beside the basis (:math:`P` entries per probe less at its peak); otherwise ``Q``.
+        """
         if self.store is None:
-            return
+            return Q
         slot = self.count % self.size if self.reorth == "window" else self.count
         self.store[:, slot] = Q.to(device=self.device, dtype=self.dtype)
         self.count += 1
+        return self.store[:, slot] if self.exact else Q
 
     @property
     def exact(self) -> bool:
@@ -311,7 +317,7 @@ def lanczos_lockstep(
     if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
         raise HesdValueError(f"{caller}: start vectors must be finite and non-zero")
     Q = Q / norms[:, None]
-    Q_prev = torch.zeros_like(Q)
+    Q_prev: torch.Tensor | None = None if exact else torch.zeros_like(Q)
     beta_prev = torch.zeros(b, dtype=op.dtype, device=op.device)
     active = list(range(b))
     alphas: list[list[float]] = [[] for _ in range(b)]
@@ -320,13 +326,14 @@ def lanczos_lockstep(
     last_beta = [0.0] * b
     broke = [False] * b
     for j in range(num_steps):
-        basis.add(Q)
+        Q = basis.add(Q)  # exact storage: a view of the basis, and Q's own memory is freed (_IN_PLACE)
         W = writable(as_rows(op @ Q.T), Q)  # updated in place below (_IN_PLACE)
         if exact:
             W, alpha = basis.project(W)
         else:
             alpha = op.reduce_inner(dots(Q, W))
             W.addcmul_(Q, alpha[:, None].to(W.dtype), value=-1)
+            assert Q_prev is not None  # held when not exact
             W.addcmul_(Q_prev, beta_prev[:, None].to(W.dtype), value=-1)
             W = basis.orthogonalise(W)
         beta = row_norms(W, op)
@@ -355,10 +362,14 @@ def lanczos_lockstep(
             break
         if len(keep) < len(active):
             rows = torch.tensor(keep, dtype=torch.long, device=op.device)
-            Q, W, beta = Q[rows], W[rows], beta[rows]
+            W, beta = W[rows], beta[rows]
+            if not exact:
+                Q = Q[rows]
             basis.keep(rows)
             active = [active[r] for r in keep]
-        Q_prev, Q, beta_prev = Q, W.div_(beta[:, None]), beta
+        # exact: the projection reads q_{j-1} from the basis, so no previous vector is held
+        Q_prev, Q, beta_prev = (None if exact else Q), W.div_(beta[:, None]), beta
+        del W  # Q's only name: exact storage frees it once the basis holds a copy
     return [
         LanczosResult(
             alpha=torch.tensor(alphas[p], dtype=torch.float64),

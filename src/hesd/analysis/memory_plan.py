@@ -7,7 +7,8 @@ already in memory:
 
 * **gradient** — the loss gradient (one vector, float32 or wider), and one batch's during the
   first pass;
-* **Lanczos vectors** — the recurrence's working vectors (six of :math:`P` entries);
+* **Lanczos vectors** — the recurrence's working vectors (six of :math:`P` entries, four beside
+  a basis stored in the operator's dtype);
 * **basis** — the stored Lanczos vectors: ``num_steps`` × :math:`P` in the operator's dtype
   (full re-orthogonalisation), or less (:func:`hesd.algorithms.slq.plan_basis`); divided by
   the world size when data-parallel ranks split the vectors (``shards``);
@@ -57,6 +58,7 @@ import torch
 from torch import nn
 
 from ..algorithms.slq import plan_basis
+from ..allocator import host_available
 from ..errors import MemoryBudgetError
 from ..operators import HessianOperator
 from ..operators.footprint import Footprint, measure_footprint
@@ -69,22 +71,24 @@ logger = logging.getLogger("hesd")
 MARGIN = 0.1
 
 #: working vectors of :math:`P` entries the Lanczos recurrence holds (the current and previous
-#: vector, the product, the projection's temporaries)
+#: vector, the product, the probe, the projection's temporaries); two fewer beside a basis that
+#: stores its vectors in the operator's dtype, whose views are the current and previous vector
+#: (:func:`hesd.algorithms.lanczos_lockstep`; ``tests/algorithms/test_lanczos_memory.py``)
 LANCZOS_VECTORS = 6
+
+
+def _held(basis: dict | None) -> int:
+    """Working vectors beside ``basis`` (``None``: not chosen yet, so the larger count)."""
+    exact = basis is not None and basis["basis_bytes"] > 0 and basis["basis_dtype"] is None
+    return LANCZOS_VECTORS - 2 if exact else LANCZOS_VECTORS
 
 
 def available_memory(device: torch.device) -> int:
     """Bytes free for the analysis: free GPU memory, or the host's available memory (``MemAvailable``)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable caches, as `free` does
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    available = host_available()
+    return available if available is not None else int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _gib(n: float) -> str:
@@ -110,6 +114,9 @@ class MemoryPlan:
         autocast_dtype: the forward passes' autocast dtype the footprint was measured under
             (passed on to the operator: a plan measured under bfloat16 autocast keeps graphs of
             about half the float32 size, and does not fit a float32 run).
+        host_reserve: on the CPU, one product's transient peak (``parts["product"]``): passed on
+            to the operator, which hands freed blocks back to the OS before a product that would
+            find less available (:func:`hesd.allocator.release_when_low`). ``None`` on a GPU.
     """
 
     budget: int
@@ -121,6 +128,7 @@ class MemoryPlan:
     choices: list[str] = field(default_factory=list)
     footprint: Footprint | None = None
     autocast_dtype: torch.dtype | None = None
+    host_reserve: int | None = None
 
     @property
     def total(self) -> float:
@@ -130,6 +138,7 @@ class MemoryPlan:
     def operator_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`hesd.HessianOperator`."""
         kw = {"hvp_method": self.hvp_method, "memory_budget": self.graph_budget, "max_tokens": self.max_tokens}
+        kw |= {"host_reserve": self.host_reserve} if self.host_reserve is not None else {}
         return kw | ({"autocast_dtype": self.autocast_dtype} if self.autocast_dtype is not None else {})
 
     @property
@@ -158,14 +167,14 @@ class MemoryPlan:
         return "\n".join(lines + [f"  - {c}" for c in self.choices])
 
 
-def _parts(fp: Footprint, basis_bytes: float, kept: float, product: float, fd: bool) -> dict[str, float]:
+def _parts(fp: Footprint, basis: dict | None, kept: float, product: float, fd: bool) -> dict[str, float]:
     vec = fp.dim * fp.vector_item
     grad = fp.dim * max(fp.item, 4)
+    held = _held(basis)
     vectors = (
-        LANCZOS_VECTORS * vec
-        if fp.shards == 1
-        else (LANCZOS_VECTORS * -(-fp.dim // fp.shards) * fp.vector_item + 2 * vec)
+        held * vec if fp.shards == 1 else (held * -(-fp.dim // fp.shards) * fp.vector_item + 2 * vec)
     )  # blocks, and v, Hv whole in a product
+    basis_bytes = basis["basis_bytes"] if basis is not None else 0
     parts = {"gradient": 2.0 * grad, "Lanczos vectors": vectors, "basis": basis_bytes,
              "kept graphs": kept, "product": product}  # fmt: skip
     if fd:
@@ -188,17 +197,17 @@ def _fit_tokens(fp: Footprint, part: str, room: float) -> int | None:
 def _exact(fp: Footprint, budget: int, basis: dict, max_tokens: int | None) -> tuple[MemoryPlan | None, str]:
     """Exact products with this basis: all graphs kept, some kept, or micro-batches; ``None`` if none fits."""
     biggest = max(fp.tokens)
-    fixed = sum(_parts(fp, basis["basis_bytes"], 0, 0, False).values())
+    fixed = sum(_parts(fp, basis, 0, 0, False).values())
     room = budget - fixed
     all_graphs = sum(fp.scaled("graph", t) for t in fp.tokens)
     if all_graphs + fp.scaled("kept_product", biggest) <= room:
-        parts = _parts(fp, basis["basis_bytes"], all_graphs, fp.scaled("kept_product", biggest), False)
+        parts = _parts(fp, basis, all_graphs, fp.scaled("kept_product", biggest), False)
         plan = MemoryPlan(budget, parts, "auto", int(all_graphs * 1.05) + 1, max_tokens, basis)
         return plan, "every first-order graph kept (one backward pass per product)"
     recompute = fp.scaled("recompute_product", biggest)
     if recompute <= room:
         graphs = room - recompute
-        parts = _parts(fp, basis["basis_bytes"], graphs, recompute, False)
+        parts = _parts(fp, basis, graphs, recompute, False)
         return MemoryPlan(budget, parts, "auto", int(graphs), max_tokens, basis), (
             f"first-order graphs kept up to {_gib(graphs)}, the other batches recomputed per product"
         )
@@ -207,7 +216,7 @@ def _exact(fp: Footprint, budget: int, basis: dict, max_tokens: int | None) -> t
         return None, ""
     if max_tokens is not None:
         tokens = min(tokens, max_tokens)
-    parts = _parts(fp, basis["basis_bytes"], 0, fp.scaled("recompute_product", tokens), False)
+    parts = _parts(fp, basis, 0, fp.scaled("recompute_product", tokens), False)
     plan = MemoryPlan(budget, parts, "double_backward", 0, tokens, basis)
     return plan, (f"batches of {biggest} tokens cut into micro-batches of {tokens} (max_tokens={tokens}): the same "
                   "Hessian, each product's activations bounded; no graph kept")  # fmt: skip
@@ -215,13 +224,13 @@ def _exact(fp: Footprint, budget: int, basis: dict, max_tokens: int | None) -> t
 
 def _fd(fp: Footprint, budget: int, basis: dict, max_tokens: int | None) -> tuple[MemoryPlan | None, str]:
     biggest = max(fp.tokens)
-    room = budget - sum(_parts(fp, basis["basis_bytes"], 0, 0, True).values())
+    room = budget - sum(_parts(fp, basis, 0, 0, True).values())
     tokens = biggest if fp.scaled("fd_product", biggest) <= room else _fit_tokens(fp, "fd_product", room)
     if tokens is None:
         return None, ""
     cut = tokens < biggest
     tokens_kw = tokens if cut else max_tokens
-    parts = _parts(fp, basis["basis_bytes"], 0, fp.scaled("fd_product", tokens), True)
+    parts = _parts(fp, basis, 0, fp.scaled("fd_product", tokens), True)
     what = "finite-difference products (gradients only; about 1e-4 relative error in float32, 1e-10 in float64)"
     return MemoryPlan(budget, parts, "finite_difference", 0, tokens_kw, basis), what + (
         f", in micro-batches of {tokens} tokens" if cut else ""
@@ -284,7 +293,7 @@ def plan_memory(
     leanest_basis = full
     if exact_ok or fd_ok:
         method = _exact if exact_ok else _fd
-        minimal = sum(_parts(fp, 0, 0, 0, method is _fd).values()) + fp.scaled(
+        minimal = sum(_parts(fp, None, 0, 0, method is _fd).values()) + fp.scaled(
             "recompute_product" if exact_ok else "fd_product", fp.length
         )
         reduced = plan_basis(rows, num_steps, dtype, max(0, int(room - minimal)))
@@ -300,6 +309,8 @@ def plan_memory(
         if hvp_method in ("graph", "double_backward", "func") and plan.hvp_method in ("auto", "double_backward"):
             plan.hvp_method = hvp_method  # kept as the user gave it
         plan.footprint, plan.budget, plan.autocast_dtype = fp, budget, autocast_dtype
+        if op.device.type == "cpu":
+            plan.host_reserve = int(plan.parts["product"])
         if autocast_dtype is not None:
             plan.choices.append(f"forward passes under {str(autocast_dtype).removeprefix('torch.')} autocast, "
                                 "as the first batch was measured")  # fmt: skip
@@ -318,7 +329,7 @@ def plan_memory(
 
 def _no_plan(fp: Footprint, budget: int, steps: int, lean: dict, full: dict, exact_ok: bool) -> MemoryBudgetError:
     part = "recompute_product" if exact_ok else "fd_product"
-    parts = _parts(fp, lean["basis_bytes"], 0, fp.scaled(part, fp.length), not exact_ok)
+    parts = _parts(fp, lean, 0, fp.scaled(part, fp.length), not exact_ok)
     table = "; ".join(f"{name} {_gib(b)}" for name, b in parts.items())
     return MemoryBudgetError(
         f"plan_memory: no plan fits {_gib(budget)}. The model has {fp.dim:,} analysed parameters "

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..allocator import release_when_low
 from ..checks import check_choice, check_type
 from ..collectives import all_reduce_sum, resolve_group
 from ..errors import HesdError, HesdValueError
@@ -98,6 +99,13 @@ class HessianOperator(BlockChoices, LinearOperator):
             activation and logits memory bounded (:mod:`~hesd.operators.chunks`).
         memory_budget: bytes of first-order graphs ``"auto"`` may keep; default half the free
             GPU memory or a quarter of free RAM.
+        host_reserve: bytes of host memory a product needs available: before a product that
+            would find less (before the first, less than this plus ``memory_budget``, the graphs
+            it may keep), memory that ``malloc`` keeps but no tensor uses is handed back to the
+            OS (:func:`hesd.allocator.release_when_low`; glibc tuned to reuse large buffers
+            otherwise lets freed, fragmented blocks grow past a memory plan). ``None``
+            (default): never. :meth:`hesd.analysis.memory_plan.MemoryPlan.operator_kwargs` sets
+            it to one product's transient peak.
         process_group: a ``torch.distributed`` process group (or ``True`` for the default
             group). Each rank passes its own shard of the data (shards may differ in size,
             one may be empty); products, loss and gradient are all-reduced with item-count
@@ -164,6 +172,7 @@ class HessianOperator(BlockChoices, LinearOperator):
         check_deterministic: bool = True,
         hvp_method: str = "auto",
         memory_budget: int | None = None,
+        host_reserve: int | None = None,
         process_group: Any = None,
         distributed: bool = False,
         autocast_dtype: torch.dtype | None = None,
@@ -186,6 +195,9 @@ class HessianOperator(BlockChoices, LinearOperator):
             raise HesdValueError(f"{caller}: fd_step must be a relative step between 0 and 1, got {fd_step!r}")
         if memory_budget is not None and memory_budget < 0:
             raise HesdValueError(f"{caller}: memory_budget must be a non-negative number of bytes")
+        if host_reserve is not None and (isinstance(host_reserve, bool) or not isinstance(host_reserve, (int, float))
+                                         or not host_reserve >= 0):  # fmt: skip
+            raise HesdValueError(f"{caller}: host_reserve must be a non-negative number of bytes, got {host_reserve!r}")
         if model_mode == "train" and hvp_method == "func":
             raise HesdValueError(
                 f"{caller}: hvp_method='func' cannot run in model_mode='train' (BatchNorm updates its buffers in "
@@ -207,6 +219,7 @@ class HessianOperator(BlockChoices, LinearOperator):
         self.hvp_method = hvp_method
         self.check_deterministic = check_deterministic
         self.memory_budget = memory_budget
+        self.host_reserve = host_reserve
         # Half-precision models: products accumulate in float32, vectors (the Lanczos recurrence) are float64.
         half = self.layout.dtype in (torch.bfloat16, torch.float16)
         self.dtype = torch.float64 if half else self.layout.dtype
@@ -358,6 +371,9 @@ class HessianOperator(BlockChoices, LinearOperator):
             return out
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.host_reserve is not None:  # room for this product's transients (and, before the first, the graphs)
+            fresh = self.state is None or self.state.stale(self.layout)
+            release_when_low(self.host_reserve + ((self.memory_budget or 0) if fresh else 0))
         self._ensure_prepared()
         mask = self.layout.defined
         if mask is not None:  # padding rows of embeddings: no gradient, so no curvature (ParameterLayout.defined)
