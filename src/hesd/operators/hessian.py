@@ -310,8 +310,12 @@ class HessianOperator(BlockChoices, LinearOperator):
                 check_deterministic=self.check_deterministic,
             )
 
+    def _needs_pass(self) -> bool:
+        """Whether the next use starts with a first-order pass: none yet, or the parameters changed in place."""
+        return self.state is None or self.state.stale(self.layout)
+
     def _ensure_prepared(self) -> FirstOrderState:
-        if self.state is None or self.state.stale(self.layout):
+        if self._needs_pass():
             self.prepare()
         assert self.state is not None
         return self.state
@@ -372,8 +376,7 @@ class HessianOperator(BlockChoices, LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.host_reserve is not None:  # room for this product's transients (and, before the first, the graphs)
-            fresh = self.state is None or self.state.stale(self.layout)
-            release_when_low(self.host_reserve + ((self.memory_budget or 0) if fresh else 0))
+            release_when_low(self.host_reserve + ((self.memory_budget or 0) if self._needs_pass() else 0))
         self._ensure_prepared()
         mask = self.layout.defined
         if mask is not None:  # padding rows of embeddings: no gradient, so no curvature (ParameterLayout.defined)
