@@ -237,19 +237,19 @@ def test_lanczos_errors():
 
 @pytest.mark.parametrize("n", [0, 5, 16, 47, 96, 97, 100, 111, 128])
 def test_gaussian_draws_in_chunks_the_values_of_one_draw(monkeypatch, n):
-    """Chunks of 32 (so a last chunk of 1 to 15 entries joins the one before): one float64 randn's values."""
+    """Chunks of 32 (a last chunk of 1 to 15 entries joins the one before): one float32 randn's values, any dtype."""
     from hesd.algorithms import probes
 
-    whole = torch.randn(n, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    whole = torch.randn(n, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
     monkeypatch.setattr(probes, "GAUSSIAN_CHUNK", 32)
-    assert torch.equal(probes.gaussian(n, 11, torch.float64, torch.device("cpu")), whole)
+    assert torch.equal(probes.gaussian(n, 11, torch.float64, torch.device("cpu")), whole.double())
     out = torch.full((n,), float("nan"))
     assert probes.gaussian(n, 11, torch.float32, torch.device("cpu"), out=out) is out
-    assert torch.equal(out, whole.float())
+    assert torch.equal(out, whole)
 
 
 def test_the_start_vector_is_built_in_place_as_the_normalised_mix(monkeypatch):
-    """With the hint, the start is (z/‖z‖ + d/‖d‖) normalised, z one seeded float64 draw: built in blocks of
+    """With the hint, the start is (z/‖z‖ + d/‖d‖) normalised, z one seeded float32 draw: built in blocks of
     the basis, it gives the same run as passing that vector as v0."""
     import importlib
 
@@ -259,7 +259,7 @@ def test_the_start_vector_is_built_in_place_as_the_normalised_mix(monkeypatch):
     Qm, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3)))
     A = (Qm * evals) @ Qm.T
     d = Qm[:, -3:].sum(1) + 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(4))
-    z = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
+    z = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
     v0 = z / z.double().norm() + d / d.double().norm()
     monkeypatch.setattr(eigen, "_RESTART_COLUMNS", 7)  # blocks that do not divide n
     hinted = hesd.eigenvalues(_Hinted(A, d), k=2, tol=1e-5, seed=5, return_eigenvectors=True)

@@ -91,3 +91,67 @@ def test_ritz_values_of_a_long_float32_operator_stay_below_its_largest_eigenvalu
     ritz = float(max(hesd.slq(op, num_steps=20, num_probes=1, seed=0).values[0]))
     assert ritz < 3.0 + 3e-6, ritz
     assert abs(float(hesd.power_iteration(op, k=1, tol=1e-7, max_iter=400, warn=False).eigenvalues[0]) - 3.0) < 3e-6
+
+
+def test_the_chunk_loop_gives_the_same_bits_on_any_number_of_threads():
+    """Threads share the chunks of a long vector; each chunk's product lands in its own row, summed in one order."""
+    from hesd.algorithms import inner as module
+
+    n = 3 * module.MIN_CHUNKS_PER_THREAD * CHUNK + 77  # up to three threads, a short last chunk
+    g = torch.Generator().manual_seed(7)
+    Q, W = torch.randn(2, 3, n, generator=g), torch.randn(2, n, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert module._threads(-(-n // CHUNK)) == threads
+            results.append(inner(Q, W))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    want = torch.einsum("bkn,bn->bk", Q.double(), W.double())
+    assert torch.allclose(results[0], want, rtol=0, atol=1e-5 * n**0.5)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_chunk_loop_pauses_the_garbage_collector_and_restores_it(monkeypatch, enabled):
+    import gc
+
+    from hesd.algorithms import inner as module
+
+    seen = []
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a, **k: (seen.append(gc.isenabled()), mv(*a, **k))[1])
+    (gc.enable if enabled else gc.disable)()
+    try:
+        x = torch.randn(2 * module.MIN_CHUNKS_PER_THREAD * CHUNK, generator=torch.Generator().manual_seed(8))
+        inner(x[None, None], x[None])
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+    assert seen and not any(seen)
+
+
+def test_an_error_in_a_helper_thread_reaches_the_caller_after_every_thread_ended(monkeypatch):
+    import threading
+
+    from hesd.algorithms import inner as module
+
+    mv = torch.mv
+
+    def failing(*a, **k):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("helper failed")
+        return mv(*a, **k)
+
+    monkeypatch.setattr(torch, "mv", failing)
+    before, running = torch.get_num_threads(), threading.active_count()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(2 * module.MIN_CHUNKS_PER_THREAD * CHUNK, generator=torch.Generator().manual_seed(9))
+        with pytest.raises(RuntimeError, match="helper failed"):
+            inner(x[None, None], x[None])
+    finally:
+        torch.set_num_threads(before)
+    assert threading.active_count() == running

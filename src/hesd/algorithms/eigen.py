@@ -163,7 +163,7 @@ def eigenvalues(
         return g if out is None else out.copy_(g)
 
     release_before((m_max + 1) * rows * dtype.itemsize, device)  # hesd.allocator
-    Q = torch.zeros(m_max + 1, rows, dtype=dtype, device=device)
+    Q = torch.empty(m_max + 1, rows, dtype=dtype, device=device)  # rows are read only once written
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
     q = Q[0]  # the start is built in place: no vector-sized temporaries beside the basis
     if v0 is not None:
@@ -226,6 +226,9 @@ def eigenvalues(
                 break
             w, beta = r, 0.0
             q_next = r / nr
+        elif j < m_max:
+            torch.div(w, beta, out=Q[j])  # straight into the basis: one vector pass fewer than dividing, then copying
+            continue
         else:
             q_next = w.div_(beta)
         if j < m_max:

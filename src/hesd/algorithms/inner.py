@@ -25,6 +25,14 @@ casts). The chunks are views cut by one ``split`` call and each ``gemv`` writes 
 float32 buffer that is summed once in float64, so the loop costs one dispatch per chunk (the
 7 553 chunks of 124 M entries: 0.065 → 0.051 s for one vector, 0.112 → 0.100 s for three, against
 slicing each chunk and adding its result to a float64 row; the same float32 chunk results).
+The chunks are shared among PyTorch's intra-op threads (:data:`MAX_THREADS` at most), each writing
+its own rows of that buffer, so the result is the same bits on any number of threads: a chunk's
+``gemv`` runs on one core, and two threads took 0.059 s against 0.090 s for three vectors at
+124 M. The loop also pauses Python's garbage collector: its two tensor views per chunk (15 000
+Python objects for three vectors at 124 M) triggered collections, about 0.1 s every few calls
+when a full one walked every live object (30 windowed Lanczos steps at 124 M beside a free
+operator: 14.2 s of vector work, 11.2 s with the pause, 9.2 s with the threads too;
+BENCHMARKS.md §9). The loop's objects hold no reference cycles, so the pause defers no memory.
 Other CPU dtypes (bfloat16, float16) are cast to float64 by chunks of at most 16 MiB. On
 a GPU the product is taken in the vectors' dtype and only its result is float64: there a chunked
 loop would cost kernel launches per chunk, and the float32 recurrence was measured accurate
@@ -46,6 +54,10 @@ Examples:
 
 from __future__ import annotations
 
+import gc
+import threading
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["dots", "inner", "norms"]
@@ -55,6 +67,12 @@ CHUNK = 1 << 14
 
 #: bytes of the float64 copy of one chunk of other CPU dtypes (the chunk's length adapts to the rows)
 CHUNK_BYTES = 1 << 24
+
+#: at most this many threads share a chunk loop (each holds the interpreter's lock while it dispatches a chunk)
+MAX_THREADS = 8
+
+#: and each takes at least this many chunks (below, starting a thread costs more than it saves)
+MIN_CHUNKS_PER_THREAD = 64
 
 
 def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -74,8 +92,7 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         out = torch.empty(b, k, dtype=torch.float64, device=W.device)
         parts = torch.empty(max(1, -(-n // CHUNK)), k, dtype=torch.float32, device=W.device)  # a row per split chunk
         for i in range(b):  # one gemv per recurrence and chunk: CPU bmm over b > 1 copies its operands
-            for part, q, w in zip(parts.unbind(0), Q[i].split(CHUNK, 1), W[i].split(CHUNK), strict=True):
-                torch.mv(q, w, out=part)  # views made in one call each: the loop is one dispatch per chunk
+            _chunk_products(Q[i], W[i], parts)
             out[i] = parts.sum(0, dtype=torch.float64)
         return out
     # the float64 copy of a chunk: at most CHUNK_BYTES, and no more than one of the vectors (so small models'
@@ -85,6 +102,60 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     for s in range(0, n, chunk):
         out += torch.bmm(Q[:, :, s : s + chunk].double(), W[:, s : s + chunk, None].double())[:, :, 0]
     return out
+
+
+def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> None:
+    """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU).
+
+    The chunks are shared among :func:`_threads` threads, each writing its own rows of ``parts``, so
+    the result does not depend on how many ran. Python's garbage collector is paused meanwhile.
+    """
+    nch = parts.shape[0]
+    if nch == 1:
+        torch.mv(q, w, out=parts[0])
+        return
+    threads = _threads(nch)
+    bounds = [nch * t // threads for t in range(threads + 1)]
+
+    def run(t: int) -> None:
+        lo, hi = bounds[t] * CHUNK, bounds[t + 1] * CHUNK
+        rows = parts[bounds[t] : bounds[t + 1]].unbind(0)
+        for part, qc, wc in zip(rows, q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK), strict=True):
+            torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
+
+    errors: list[BaseException] = []
+    collecting = gc.isenabled()
+    gc.disable()  # the loop's views would trigger collections that walk every live object (module docs)
+    try:
+        helpers = [threading.Thread(target=_capture, args=(run, t, errors)) for t in range(1, threads)]
+        for h in helpers:
+            h.start()
+        try:
+            run(0)
+        finally:  # the helpers write into parts: never leave them running
+            for h in helpers:
+                h.join()
+    finally:
+        if collecting:
+            gc.enable()
+    if errors:
+        raise errors[0]
+
+
+def _capture(run: Callable[[int], None], t: int, errors: list[BaseException]) -> None:
+    try:
+        run(t)
+    except BaseException as exc:  # re-raised by the caller's thread
+        errors.append(exc)
+
+
+def _threads(chunks: int) -> int:
+    """Threads for a chunk loop of ``chunks`` chunks.
+
+    PyTorch's intra-op threads, at most :data:`MAX_THREADS` and at most one per
+    :data:`MIN_CHUNKS_PER_THREAD` chunks (short vectors: the caller's thread alone).
+    """
+    return max(1, min(torch.get_num_threads(), MAX_THREADS, chunks // MIN_CHUNKS_PER_THREAD))
 
 
 def dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -67,18 +67,26 @@ class _Basis:
         self.store = torch.empty(b, self.size, n, dtype=self.dtype, device=self.device) if self.size else None
         self.count = 0
 
-    def add(self, Q: torch.Tensor) -> torch.Tensor:
-        """Store ``Q`` (``(b, n)``) as the latest vectors; return them as the recurrence should hold them.
+    def add(self, Q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Store ``Q`` (``(b, n)``), divided row by row by ``scale`` if given, as the latest vectors.
 
-        With :attr:`exact` storage that is a view of the stored copy, so the recurrence keeps no
-        vector of its own beside the basis (:math:`P` entries per probe less at its peak); otherwise ``Q``.
+        Returns them as the recurrence should hold them: with :attr:`exact` storage a view of the
+        stored copy, so the recurrence keeps no vector of its own beside the basis (:math:`P`
+        entries per probe less at its peak), the division written straight into the basis (one
+        vector pass fewer than dividing, then copying); otherwise ``Q``, divided in place.
         """
+        if self.store is None or not self.exact:
+            Q = Q if scale is None else Q.div_(scale[:, None])
         if self.store is None:
             return Q
         slot = self.count % self.size if self.reorth == "window" else self.count
-        self.store[:, slot] = Q.to(device=self.device, dtype=self.dtype)
+        target = self.store[:, slot]
+        if self.exact and scale is not None:
+            torch.div(Q, scale[:, None], out=target)
+        else:
+            target.copy_(Q.to(device=self.device, dtype=self.dtype))
         self.count += 1
-        return self.store[:, slot] if self.exact else Q
+        return target if self.exact else Q
 
     @property
     def exact(self) -> bool:
@@ -325,8 +333,9 @@ def lanczos_lockstep(
     anorm = [0.0] * b
     last_beta = [0.0] * b
     broke = [False] * b
+    scale: torch.Tensor | None = None  # Q's row norms, divided out as it is stored (None: Q is normalised)
     for j in range(num_steps):
-        Q = basis.add(Q)  # exact storage: a view of the basis, and Q's own memory is freed (_IN_PLACE)
+        Q = basis.add(Q, scale)  # exact storage: a view of the basis, and Q's own memory is freed (_IN_PLACE)
         W = writable(as_rows(op @ Q.T), Q)  # updated in place below (_IN_PLACE)
         if exact:
             W, alpha = basis.project(W)
@@ -368,8 +377,8 @@ def lanczos_lockstep(
             basis.keep(rows)
             active = [active[r] for r in keep]
         # exact: the projection reads q_{j-1} from the basis, so no previous vector is held
-        Q_prev, Q, beta_prev = (None if exact else Q), W.div_(beta[:, None]), beta
-        del W  # Q's only name: exact storage frees it once the basis holds a copy
+        Q_prev, Q, scale, beta_prev = (None if exact else Q), W, beta, beta  # q_{j+1} = W / beta, in add
+        del W  # Q's only name: exact storage frees it once the basis holds q_{j+1}
     return [
         LanczosResult(
             alpha=torch.tensor(alphas[p], dtype=torch.float64),

@@ -258,12 +258,15 @@ class GradientSum:
         self.sum.add_(g, alpha=self.weight(count, 1.0))
 
 
-def _reduce(objective: Objective, losses, grad: GradientSum, total: float, group: Any) -> tuple[float, torch.Tensor]:
+def _total_loss(objective: Objective, losses: list[tuple[int, torch.Tensor]], total: float, group: Any) -> float:
+    """The loss over all the data (all ranks) from the batches' losses and item counts."""
     weight = objective.contract.weight
-    layout = objective.layout
     loss = sum(weight(n, total) * float(v) for n, v in losses)
-    loss_t = all_reduce_sum(torch.as_tensor(loss, dtype=torch.float64, device=layout.device).reshape(1), group)
-    return float(loss_t.item()), all_reduce_sum(grad.sum.div_(total), group)
+    return float(all_reduce_sum(torch.tensor([loss], dtype=torch.float64, device=objective.layout.device), group))
+
+
+def _reduce(objective: Objective, losses, grad: GradientSum, total: float, group: Any) -> tuple[float, torch.Tensor]:
+    return _total_loss(objective, losses, total, group), all_reduce_sum(grad.sum.div_(total), group)
 
 
 def first_order_pass(
@@ -286,7 +289,7 @@ def first_order_pass(
         keep_graphs: keep graphs at all (``hvp_method`` ``"auto"`` or ``"graph"``).
         unlimited: keep every graph whatever the budget (``hvp_method="graph"``).
         group: a ``torch.distributed`` process group, or ``None``.
-        check_deterministic: evaluate loss and gradient a second time and compare.
+        check_deterministic: evaluate the loss a second time and compare (:func:`_check_determinism`).
 
     Raises:
         HesdValueError: the data holds no item.
@@ -317,19 +320,31 @@ def first_order_pass(
 
 
 def _check_determinism(objective: Objective, state: FirstOrderState, group: Any) -> None:
-    losses, grads = [], GradientSum(objective)
-    for index, batch in enumerate(objective.batches()):
-        with torch.enable_grad():
-            loss = objective.loss(batch, index)
-            g = objective.gradient(loss, create_graph=False)
-        losses.append((batch.count, loss.detach()))
-        grads.add(batch.count, objective.layout.flatten(g))
-    loss2, grad2 = _reduce(objective, losses, grads, state.total, group)
-    tol = 1e-9 if objective.layout.dtype == torch.float64 else 1e-4
-    scale = float(state.gradient.abs().max()) + 1e-30
-    gdiff = float((grad2 - state.gradient).abs().max()) / scale
-    ldiff = abs(loss2 - state.loss) / (abs(state.loss) + 1e-30)
-    if gdiff > tol or ldiff > tol or not math.isfinite(gdiff):
+    r"""Evaluate the loss over all the data again (forward passes, no backward) and compare it with the first pass's.
+
+    What makes Hessian-vector products random — dropout, a random augmentation, a loader that
+    drops different samples each time — changes the loss, so forward passes find it for a third
+    of a gradient's cost (hesd compared gradients before; BENCHMARKS.md §9). The loss over all the
+    data, not each batch's: a loader that only reshuffles the samples between batches leaves the
+    Hessian unchanged. The forwards record their graphs as the first pass did, which are then
+    dropped: without, bfloat16 autocast took other kernels and the loss moved by 1.3e-4.
+    """
+    error: BaseException | None = None
+    losses: list[tuple[int, torch.Tensor]] = []
+    try:
+        with torch.enable_grad():  # as the first pass ran it: the same kernels
+            for index, batch in enumerate(objective.batches()):
+                losses.append((batch.count, objective.loss(batch, index).detach()))
+    except Exception as exc:  # raised on every rank by agree, not on this one alone
+        error = exc
+    agree(group, error, "HessianOperator's determinism check")
+    layout = objective.layout
+    count = all_reduce_sum(torch.tensor([float(sum(n for n, _ in losses))], dtype=torch.float64, device=layout.device),
+                           group)  # fmt: skip
+    loss = _total_loss(objective, losses, state.total, group)
+    worst = abs(loss - state.loss) / (abs(state.loss) + 1e-30) if float(count.item()) == state.total else math.inf
+    tol = 1e-9 if layout.dtype == torch.float64 else 1e-4
+    if worst > tol or not math.isfinite(worst):
         forward = objective.forward
         hint = ""
         if forward.model_mode == "train" and forward.config_dropout:
@@ -337,8 +352,8 @@ def _check_determinism(objective: Objective, state: FirstOrderState, group: Any)
                     "applies in training mode: use model_mode='eval' (model.eval()) or load the model with those "
                     "fields at 0.0. ")  # fmt: skip
         raise NonDeterministicError(
-            "HessianOperator: two passes over the same data gave different losses or gradients "
-            f"(relative difference {max(gdiff, ldiff):.2e}). Hessian-vector products would be random. {hint}"
+            "HessianOperator: two passes over the same data gave different losses "
+            f"(relative difference {worst:.2e}). Hessian-vector products would be random. {hint}"
             "Common causes: dropout or BatchNorm in train mode (use model_mode='eval'), a DataLoader "
             "with random augmentation or drop_last with shuffling (use a fixed, un-augmented loader). "
             "Pass check_deterministic=False to skip this check."

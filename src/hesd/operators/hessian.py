@@ -80,8 +80,8 @@ class HessianOperator(BlockChoices, LinearOperator):
         model_mode: ``"eval"`` (default: BatchNorm running statistics, dropout off) or
             ``"train"`` (BatchNorm batch statistics, as in several papers; running statistics
             are restored exactly; dropout is refused).
-        check_deterministic: on first use, evaluate loss and gradient twice and raise
-            :class:`hesd.errors.NonDeterministicError` if they differ.
+        check_deterministic: on first use, evaluate the loss over all the data a second time
+            (forward passes only) and raise :class:`hesd.errors.NonDeterministicError` if it differs.
         hvp_method: ``"graph"`` (keep every batch's first-order graph; one backward pass per
             product), ``"double_backward"`` (recompute forward and first-order graph per batch
             and product), ``"func"`` (forward-over-reverse, :func:`torch.func.jvp` of
