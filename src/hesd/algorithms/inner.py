@@ -55,8 +55,8 @@ Examples:
 from __future__ import annotations
 
 import gc
-import threading
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
@@ -123,30 +123,18 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
         for part, qc, wc in zip(rows, q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK), strict=True):
             torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
 
-    errors: list[BaseException] = []
     collecting = gc.isenabled()
     gc.disable()  # the loop's views would trigger collections that walk every live object (module docs)
     try:
-        helpers = [threading.Thread(target=_capture, args=(run, t, errors)) for t in range(1, threads)]
-        for h in helpers:
-            h.start()
-        try:
+        # leaving the block waits for the helpers, which write into parts, also when the caller's share fails
+        with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
+            helpers = [pool.submit(run, t) for t in range(1, threads)] if pool is not None else []
             run(0)
-        finally:  # the helpers write into parts: never leave them running
             for h in helpers:
-                h.join()
+                h.result()  # a helper's error, raised here
     finally:
         if collecting:
             gc.enable()
-    if errors:
-        raise errors[0]
-
-
-def _capture(run: Callable[[int], None], t: int, errors: list[BaseException]) -> None:
-    try:
-        run(t)
-    except BaseException as exc:  # re-raised by the caller's thread
-        errors.append(exc)
 
 
 def _threads(chunks: int) -> int:

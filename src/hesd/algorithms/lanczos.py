@@ -75,8 +75,8 @@ class _Basis:
         entries per probe less at its peak), the division written straight into the basis (one
         vector pass fewer than dividing, then copying); otherwise ``Q``, divided in place.
         """
-        if self.store is None or not self.exact:
-            Q = Q if scale is None else Q.div_(scale[:, None])
+        if scale is not None and not self.exact:  # (an exact basis always has a store)
+            Q = Q.div_(scale[:, None])
         if self.store is None:
             return Q
         slot = self.count % self.size if self.reorth == "window" else self.count

@@ -258,6 +258,12 @@ class GradientSum:
         self.sum.add_(g, alpha=self.weight(count, 1.0))
 
 
+def _total_items(objective: Objective, losses: list[tuple[int, torch.Tensor]], group: Any) -> float:
+    """The items in all the data (all ranks) from the batches' item counts."""
+    count = torch.tensor([float(sum(n for n, _ in losses))], dtype=torch.float64, device=objective.layout.device)
+    return float(all_reduce_sum(count, group).item())
+
+
 def _total_loss(objective: Objective, losses: list[tuple[int, torch.Tensor]], total: float, group: Any) -> float:
     """The loss over all the data (all ranks) from the batches' losses and item counts."""
     weight = objective.contract.weight
@@ -308,8 +314,7 @@ def first_order_pass(
     elif error is not None:
         raise error
     layout = objective.layout
-    count = torch.tensor([float(sum(n for n, _ in losses))], dtype=torch.float64, device=layout.device)
-    total = float(all_reduce_sum(count, group).item())
+    total = _total_items(objective, losses, group)
     if total == 0:
         raise HesdValueError("HessianOperator: no rank holds any sample; pass non-empty data shards")
     loss, gradient = _reduce(objective, losses, grads, total, group)
@@ -340,10 +345,9 @@ def _check_determinism(objective: Objective, state: FirstOrderState, group: Any)
         error = exc
     agree(group, error, "HessianOperator's determinism check")
     layout = objective.layout
-    count = all_reduce_sum(torch.tensor([float(sum(n for n, _ in losses))], dtype=torch.float64, device=layout.device),
-                           group)  # fmt: skip
     loss = _total_loss(objective, losses, state.total, group)
-    worst = abs(loss - state.loss) / (abs(state.loss) + 1e-30) if float(count.item()) == state.total else math.inf
+    same = _total_items(objective, losses, group) == state.total
+    worst = abs(loss - state.loss) / (abs(state.loss) + 1e-30) if same else math.inf
     tol = 1e-9 if layout.dtype == torch.float64 else 1e-4
     if worst > tol or not math.isfinite(worst):
         forward = objective.forward
