@@ -33,6 +33,8 @@ The peers need SDPA's math kernel (``attn_implementation="eager"``): the fused C
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -61,6 +63,35 @@ def rss_gib() -> float:
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_in_use() -> int | None:
+    """Bytes glibc's ``malloc`` has handed out and not yet had back (``mallinfo2``: ``uordblks + hblkhd``).
+
+    Resident memory above it is freed memory the allocator keeps (holes in its heap), so the two together
+    tell what a phase needed from what fragmentation cost.
+    """
+    if _MALLINFO2 is None:
+        return None
+    m = _MALLINFO2()
+    return m.uordblks + m.hblkhd
 
 
 def build(size: str, eager: bool):
@@ -105,17 +136,21 @@ class _Sampler:
     """Resident memory sampled every 0.2 s in a thread: the peak within each phase, not only since the start."""
 
     def __init__(self) -> None:
-        self.peak = current_rss()
+        self.peak, self.heap_peak = current_rss(), heap_in_use() or 0
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak = max(self.peak, current_rss())
+            self.sample()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, current_rss())
+        self.heap_peak = max(self.heap_peak, heap_in_use() or 0)
 
     def reset(self) -> int:
         now = current_rss()
-        self.peak = now
+        self.peak, self.heap_peak = now, heap_in_use() or 0
         return now
 
 
@@ -135,13 +170,14 @@ def phase(name: str, r: dict, key: str | None = None):
     sync()
     secs = time.perf_counter() - t
     ru2 = resource.getrusage(resource.RUSAGE_SELF)
-    _SAMPLER.peak = max(_SAMPLER.peak, current_rss())
+    _SAMPLER.sample()
     if key:
         r[key] = secs
     r.setdefault("phases", []).append(
         {"phase": name, "s": secs, "start GiB": start / 2**30, "peak GiB": _SAMPLER.peak / 2**30,
          "end GiB": current_rss() / 2**30, "user s": ru2.ru_utime - ru.ru_utime,
-         "system s": ru2.ru_stime - ru.ru_stime, "page faults": ru2.ru_minflt - ru.ru_minflt})  # fmt: skip
+         "system s": ru2.ru_stime - ru.ru_stime, "page faults": ru2.ru_minflt - ru.ru_minflt,
+         "heap peak GiB": _SAMPLER.heap_peak / 2**30 if _MALLINFO2 else None})  # fmt: skip
     if DEVICE.type == "cuda":
         r["phases"][-1]["GPU peak GiB"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
         r["GPU GiB"] = max(r.get("GPU GiB", 0.0), r["phases"][-1]["GPU peak GiB"])
@@ -301,6 +337,7 @@ def run_child(cmd: list[str], tool: str, size: str, timeout: float, env=None) ->
                 print(f"      {tool} {size} · {ph['phase']}: {ph['s']:.1f} s (CPU: user {ph['user s']:.0f} s, system "
                       f"{ph['system s']:.0f} s, {ph['page faults'] / 1e6:.2f} M page faults); resident "
                       f"{ph['start GiB']:.2f} → peak {ph['peak GiB']:.2f} → {ph['end GiB']:.2f} GiB"
+                      + (f"; malloc'd peak {ph['heap peak GiB']:.2f} GiB" if ph.get("heap peak GiB") else "")
                       + (f"; GPU peak {ph['GPU peak GiB']:.2f} GiB" if "GPU peak GiB" in ph else ""),
                       flush=True)  # fmt: skip
             elif line.startswith("PLAN "):

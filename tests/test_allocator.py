@@ -135,21 +135,81 @@ def test_release_before_leaves_gpu_and_small_allocations_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("algorithm", ["eigenvalues", "slq"])
-def test_krylov_bases_are_allocated_after_freed_memory_is_handed_back(monkeypatch, algorithm):
-    """Both Lanczos methods release freed host memory before allocating their basis, with its size."""
+def test_krylov_bases_come_from_basis_buffer(monkeypatch, algorithm):
+    """Both Lanczos methods take their basis from hesd.allocator.basis_buffer, with its shape and dtype."""
     import importlib
 
     eigen, lanczos = (importlib.import_module(f"hesd.algorithms.{m}") for m in ("eigen", "lanczos"))
-    sizes: list[int] = []
+    asked: list[tuple] = []
+
+    def spy(shape, dtype, device):
+        asked.append((tuple(shape), dtype))
+        return _allocator.basis_buffer(shape, dtype, device)
+
     for module in (eigen, lanczos):
-        monkeypatch.setattr(module, "release_before", lambda nbytes, device: sizes.append(nbytes) or False)
+        monkeypatch.setattr(module, "basis_buffer", spy)
     A = torch.diag(torch.linspace(-1.0, 2.0, 50, dtype=torch.float64))
     if algorithm == "eigenvalues":
-        hesd.eigenvalues(A, k=1, max_basis=8)
-        assert sizes == [9 * 50 * 8]  # the basis and the next vector, float64
+        r = hesd.eigenvalues(A, k=1, max_basis=8)
+        assert asked == [((9, 50), torch.float64)]  # the basis and the next vector
+        assert abs(float(r.eigenvalues[0]) - 2.0) < 1e-10
     else:
         hesd.slq(A, 10, 2, seed=0, lockstep=1)
-        assert sizes == [10 * 50 * 8] * 2  # one basis per probe
+        assert asked == [((1, 10, 50), torch.float64)] * 2  # one basis per probe
+
+
+# In a fresh process with large buffers reused: a basis of RELEASE_BEFORE_BYTES first hands the heap's freed
+# memory back, is not a block of malloc's heap (what malloc has handed out stays the same), is written and read
+# like any tensor, and its memory leaves the process when it is freed; a smaller one is an ordinary tensor.
+_BASIS = """
+import ctypes, ctypes.util, torch
+import hesd
+from hesd.allocator import RELEASE_BEFORE_BYTES, basis_buffer
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+mallinfo2.restype = Info
+def handed_out():
+    m = mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+assert hesd.tune_cpu_allocator() is True
+xs = [torch.empty(2**24).fill_(1.0) for _ in range(4)]
+del xs  # 256 MiB freed, resident in the heap
+a0, r0 = handed_out(), rss()
+Q = basis_buffer((2, RELEASE_BEFORE_BYTES // 8), torch.float32, "cpu")
+a1, r01 = handed_out(), rss()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(RELEASE_BEFORE_BYTES // 8, generator=g)
+Q[0] = x
+Q[1] = 2 * x
+ok = bool(torch.equal(Q[1], 2 * Q[0])) and Q.is_contiguous() and Q.shape == (2, RELEASE_BEFORE_BYTES // 8)
+r1 = rss()
+del Q
+r2 = rss()
+small = basis_buffer((4, 1000), torch.float32, "cpu")
+print(a1 - a0, int(ok), r1 - r2, small.shape == (4, 1000), r0 - r01)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mmap and glibc's mallinfo2: Linux")
+def test_a_large_basis_releases_the_heap_is_mapped_on_its_own_and_leaves_with_its_tensor():
+    out = subprocess.run([sys.executable, "-c", _BASIS], capture_output=True, text=True, check=True).stdout.split()
+    grown, ok, released, small, trimmed = float(out[0]), out[1], float(out[2]), out[3], float(out[4])
+    assert trimmed > 200, out  # the 256 MiB freed before no longer resident
+    assert grown < 1, out  # 256 MiB, none of it from malloc
+    assert ok == "1" and small == "True"
+    assert released > 200, out  # the written 256 MiB left the process with the tensor
+
+
+def test_basis_buffer_leaves_small_and_non_cpu_allocations_to_torch():
+    t = _allocator.basis_buffer((3, 5), torch.float64, "cpu")
+    assert t.shape == (3, 5) and t.dtype == torch.float64
+    m = _allocator.basis_buffer((2**20, 2**10), torch.float32, "meta")  # 4 GiB on the meta device: no memory
+    assert m.device.type == "meta" and m.shape == (2**20, 2**10)
 
 
 def test_host_available_reads_what_the_host_can_give():

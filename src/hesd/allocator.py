@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import sys
 
 import torch
 
 __all__ = [
     "RELEASE_BEFORE_BYTES",
+    "basis_buffer",
     "environment",
     "host_available",
     "release_before",
@@ -49,7 +52,8 @@ TOP_PAD = 512 * 2**20  # grow the heap in steps of this much
 MMAP_MAX = 0  # no block is mmapped by malloc (glibc still maps where the heap cannot grow)
 MMAP_MAX_DEFAULT = 65536  # glibc's own (DEFAULT_MMAP_MAX)
 
-#: host allocations at least this large are preceded by :func:`release_free_memory` (:func:`release_before`)
+#: host allocations at least this large are preceded by :func:`release_free_memory` (:func:`release_before`),
+#: or mapped on their own (:func:`basis_buffer`)
 RELEASE_BEFORE_BYTES = 256 * 2**20
 
 
@@ -122,8 +126,9 @@ def release_free_memory() -> bool:
     """Hand memory that ``malloc`` holds but no tensor uses back to the OS (glibc ``malloc_trim(0)``).
 
     The memory planner calls it after its one-batch probe (:mod:`hesd.operators.footprint`), so
-    that the probe's freed buffers do not stay resident beside the analysis that follows, and the
-    Lanczos algorithms call it (:func:`release_before`) before they allocate a large basis.
+    that the probe's freed buffers do not stay resident beside the analysis that follows, the
+    Lanczos algorithms before they map a large basis (:func:`basis_buffer`), and
+    :class:`hesd.HessianOperator` when the host runs low (:func:`release_when_low`).
 
     Returns:
         ``True`` if memory was released; ``False`` where there is no glibc or nothing to release.
@@ -143,12 +148,13 @@ def release_before(nbytes: int, device: torch.device | str) -> bool:
 
     With large buffers reused (:func:`tune_cpu_allocator`), the memory a phase of an analysis
     freed — the products and first-order passes before it — stays resident, cut into the blocks
-    that phase used. A Lanczos basis allocated next rarely fits those holes, so it is placed
-    above them and resident memory grows by the whole basis on top of the last phase's peak:
-    GPT-2 small's top-1 after the other measurements went from 7.29 to 14.22 GiB under an 8.5 GiB
-    plan (BENCHMARKS.md §9). Handing the freed memory back first costs one page fault per page
-    the next products touch again, once per basis (the algorithm's products then reuse it).
-    Allocations below :data:`RELEASE_BEFORE_BYTES`, and any on a GPU, are left alone.
+    that phase used. A large block allocated next from the heap rarely fits those holes, so it is
+    placed above them and resident memory grows by the whole block on top of the last phase's
+    peak: GPT-2 small's top-1 after the other measurements went from 7.29 to 14.22 GiB under an
+    8.5 GiB plan when its basis came from the heap (BENCHMARKS.md §9; hesd's bases now come from
+    :func:`basis_buffer`, which releases first too). Handing the freed memory back first costs
+    one page fault per page that later allocations touch again. Allocations below
+    :data:`RELEASE_BEFORE_BYTES`, and any on a GPU, are left alone.
 
     Args:
         nbytes: the size of the allocation that follows.
@@ -211,3 +217,47 @@ def release_when_low(reserve: int | None) -> bool:
     if available is None or available >= reserve:
         return False
     return release_free_memory()
+
+
+def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised tensor for a Krylov basis: on the host, if large, in memory mapped for it alone.
+
+    A basis lives through a whole algorithm while the products beside it allocate and free their
+    buffers. On glibc's heap, with large buffers reused (:func:`tune_cpu_allocator`), it rarely
+    fits the holes the previous phase left, so it was placed above them and resident memory grew
+    by the whole basis on top of that phase's peak. Here the freed heap memory is handed back
+    first (:func:`release_free_memory`: the holes of earlier phases do not stay resident beside
+    the basis; the next products fault in again what they reuse), and the basis is mapped on its
+    own (anonymous ``mmap``): it cannot split the heap's holes, its memory leaves the process
+    with the tensor, and it asks for transparent huge pages (``MADV_HUGEPAGE``; GPT-2 small's
+    7-vector basis: 1 787 page faults on first touch instead of 846 000). GPT-2 small's top
+    eigenvalue after the other measurements: BENCHMARKS.md §9.
+
+    Blocks under :data:`RELEASE_BEFORE_BYTES`, any device but the CPU, and systems without
+    anonymous ``mmap`` get :func:`torch.empty` (and nothing is released).
+
+    Args:
+        shape: the tensor's shape.
+        dtype: its dtype.
+        device: its device.
+
+    Returns:
+        a contiguous tensor whose entries are not initialised (pages are zero until written).
+
+    Examples:
+        >>> from hesd.allocator import basis_buffer
+        >>> basis_buffer((3, 4), torch.float32, "cpu").shape
+        torch.Size([3, 4])
+    """
+    device = torch.device(device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < RELEASE_BEFORE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    release_free_memory()
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # pragma: no cover - a kernel without transparent huge pages
+            pass
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor holds the mapping; freed with it

@@ -93,25 +93,41 @@ def test_ritz_values_of_a_long_float32_operator_stay_below_its_largest_eigenvalu
     assert abs(float(hesd.power_iteration(op, k=1, tol=1e-7, max_iter=400, warn=False).eigenvalues[0]) - 3.0) < 3e-6
 
 
-def test_the_chunk_loop_gives_the_same_bits_on_any_number_of_threads():
-    """Threads share the chunks of a long vector; each chunk's product lands in its own row, summed in one order."""
+def test_the_chunk_loop_gives_the_same_bits_on_any_number_of_threads(monkeypatch):
+    """Threads share the chunks of a long vector; each chunk's product lands in its own row, summed in one order.
+
+    The number of loop threads is set directly, PyTorch's own left as it is: BLAS may itself split a chunk's
+    ``gemv`` among PyTorch's threads (MKL did for 3 threads on a 2-core AVX-512 machine), which is BLAS's
+    rounding, not the loop's.
+    """
     from hesd.algorithms import inner as module
 
     n = 3 * module.MIN_CHUNKS_PER_THREAD * CHUNK + 77  # up to three threads, a short last chunk
     g = torch.Generator().manual_seed(7)
     Q, W = torch.randn(2, 3, n, generator=g), torch.randn(2, n, generator=g)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            assert module._threads(-(-n // CHUNK)) == threads
-            results.append(inner(Q, W))
-    finally:
-        torch.set_num_threads(before)
+    results, used = [], []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(module, "_threads", lambda chunks, t=threads: used.append(t) or t)
+        results.append(inner(Q, W))
+    assert used == [1, 1, 2, 2, 3, 3]  # each recurrence's loop ran on that many threads
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     want = torch.einsum("bkn,bn->bk", Q.double(), W.double())
     assert torch.allclose(results[0], want, rtol=0, atol=1e-5 * n**0.5)
+
+
+def test_the_loop_takes_pytorchs_threads_up_to_its_caps():
+    from hesd.algorithms import inner as module
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert module._threads(3 * module.MIN_CHUNKS_PER_THREAD) == 3
+        assert module._threads(2 * module.MIN_CHUNKS_PER_THREAD + 1) == 2  # at least MIN_CHUNKS_PER_THREAD each
+        assert module._threads(module.MIN_CHUNKS_PER_THREAD - 1) == 1
+        torch.set_num_threads(module.MAX_THREADS + 4)
+        assert module._threads(100 * module.MIN_CHUNKS_PER_THREAD) == module.MAX_THREADS
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("enabled", [True, False])

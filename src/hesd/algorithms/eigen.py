@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..allocator import release_before
+from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
@@ -162,8 +162,7 @@ def eigenvalues(
         g = op.local_rows(gaussian(n, s, dtype, device).unsqueeze(1)).squeeze(1)
         return g if out is None else out.copy_(g)
 
-    release_before((m_max + 1) * rows * dtype.itemsize, device)  # hesd.allocator
-    Q = torch.empty(m_max + 1, rows, dtype=dtype, device=device)  # rows are read only once written
+    Q = basis_buffer((m_max + 1, rows), dtype, device)  # hesd.allocator; rows are read only once written
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
     q = Q[0]  # the start is built in place: no vector-sized temporaries beside the basis
     if v0 is not None:
@@ -178,6 +177,7 @@ def eigenvalues(
             h = norm(hint)
             for c in range(0, rows, _RESTART_COLUMNS):  # q += hint / ‖hint‖, a block at a time
                 q[c : c + _RESTART_COLUMNS] += hint[c : c + _RESTART_COLUMNS] / h
+        del hint  # a gradient-sized vector: not held through the products
     q.div_(norm(q))
     j = 0  # number of basis vectors with a filled column of T
     coupled = 0  # the column whose product couples to every earlier basis vector (after a thick restart)
@@ -224,15 +224,19 @@ def eigenvalues(
             if nr <= eps * math.sqrt(n):
                 converged = True  # the basis spans the whole space
                 break
-            w, beta = r, 0.0
-            q_next = r / nr
+            beta = 0.0
+            q_next = r.div_(nr)
+            del r
         elif j < m_max:
             torch.div(w, beta, out=Q[j])  # straight into the basis: one vector pass fewer than dividing, then copying
+            del w  # the next product's output is the only vector beside the basis
             continue
         else:
             q_next = w.div_(beta)
+        del w
         if j < m_max:
             Q[j] = q_next
+            del q_next
             continue
         # Thick restart: keep the most wanted Ritz vectors plus the residual direction.
         restarts += 1
@@ -247,6 +251,7 @@ def eigenvalues(
         T[:keep, keep] = coupling
         T[keep, :keep] = coupling
         Q[keep] = q_next
+        del q_next
         # Column `keep` of T is recomputed (with the coupling) by the next expansion.
         j = coupled = keep
     idx = _wanted(theta, which, min(k, len(theta)))

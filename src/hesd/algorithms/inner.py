@@ -26,13 +26,15 @@ float32 buffer that is summed once in float64, so the loop costs one dispatch pe
 7 553 chunks of 124 M entries: 0.065 → 0.051 s for one vector, 0.112 → 0.100 s for three, against
 slicing each chunk and adding its result to a float64 row; the same float32 chunk results).
 The chunks are shared among PyTorch's intra-op threads (:data:`MAX_THREADS` at most), each writing
-its own rows of that buffer, so the result is the same bits on any number of threads: a chunk's
-``gemv`` runs on one core, and two threads took 0.059 s against 0.090 s for three vectors at
-124 M. The loop also pauses Python's garbage collector: its two tensor views per chunk (15 000
-Python objects for three vectors at 124 M) triggered collections, about 0.1 s every few calls
-when a full one walked every live object (30 windowed Lanczos steps at 124 M beside a free
-operator: 14.2 s of vector work, 11.2 s with the pause, 9.2 s with the threads too;
-BENCHMARKS.md §9). The loop's objects hold no reference cycles, so the pause defers no memory.
+its own rows of that buffer, so how the chunks are shared does not change the result (BLAS may
+still split one chunk's ``gemv`` among PyTorch's threads and round it differently: MKL did with 3
+threads on a 2-core AVX-512 machine, so the bits depend on ``torch.get_num_threads()``, as any BLAS
+call's do); two threads took 0.059 s against 0.090 s for three vectors at 124 M. The loop also
+pauses Python's garbage collector: its two tensor views per chunk (15 000 Python objects for three
+vectors at 124 M) triggered collections, about 0.1 s every few calls when a full one walked every
+live object (30 windowed Lanczos steps at 124 M beside a free operator: 14.2 s of vector work,
+11.2 s with the pause, 9.2 s with the threads too; BENCHMARKS.md §9). The loop's objects hold no
+reference cycles, so the pause defers no memory.
 Other CPU dtypes (bfloat16, float16) are cast to float64 by chunks of at most 16 MiB. On
 a GPU the product is taken in the vectors' dtype and only its result is float64: there a chunked
 loop would cost kernel launches per chunk, and the float32 recurrence was measured accurate
@@ -108,7 +110,8 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
     """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU).
 
     The chunks are shared among :func:`_threads` threads, each writing its own rows of ``parts``, so
-    the result does not depend on how many ran. Python's garbage collector is paused meanwhile.
+    the result does not depend on how many ran (BLAS's own threads within a chunk aside, module
+    docs). Python's garbage collector is paused meanwhile.
     """
     nch = parts.shape[0]
     if nch == 1:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..allocator import release_before
+from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
@@ -63,8 +63,7 @@ class _Basis:
         self.device = torch.device(device) if device is not None else op.device
         self.op_dtype, self.op_device = op.dtype, op.device
         self.reduce = op.reduce_inner  # sums partial inner products over ranks when vectors are sharded
-        release_before(b * self.size * n * self.dtype.itemsize, self.device)  # freed memory back first (hesd.allocator)
-        self.store = torch.empty(b, self.size, n, dtype=self.dtype, device=self.device) if self.size else None
+        self.store = basis_buffer((b, self.size, n), self.dtype, self.device) if self.size else None  # hesd.allocator
         self.count = 0
 
     def add(self, Q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
