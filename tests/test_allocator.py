@@ -205,6 +205,20 @@ def test_a_large_basis_releases_the_heap_is_mapped_on_its_own_and_leaves_with_it
     assert released > 200, out  # the written 256 MiB left the process with the tensor
 
 
+def test_a_mapping_the_kernel_refuses_falls_back_to_pytorchs_allocator(monkeypatch):
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: True)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    t = _allocator.basis_buffer((2, _allocator.RELEASE_BEFORE_BYTES // 8), torch.float32, "cpu")
+    assert t.shape == (2, _allocator.RELEASE_BEFORE_BYTES // 8)
+    t[1, -1] = 3.0
+    assert float(t[1, -1]) == 3.0
+
+
 def test_basis_buffer_leaves_small_and_non_cpu_allocations_to_torch():
     t = _allocator.basis_buffer((3, 5), torch.float64, "cpu")
     assert t.shape == (3, 5) and t.dtype == torch.float64

@@ -234,7 +234,8 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     eigenvalue after the other measurements: BENCHMARKS.md §9.
 
     Blocks under :data:`RELEASE_BEFORE_BYTES`, any device but the CPU, and systems without
-    anonymous ``mmap`` get :func:`torch.empty` (and nothing is released).
+    anonymous ``mmap`` get :func:`torch.empty` (and nothing is released), as does a mapping the
+    kernel refuses.
 
     Args:
         shape: the tensor's shape.
@@ -245,6 +246,7 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         a contiguous tensor whose entries are not initialised (pages are zero until written).
 
     Examples:
+        >>> import torch
         >>> from hesd.allocator import basis_buffer
         >>> basis_buffer((3, 4), torch.float32, "cpu").shape
         torch.Size([3, 4])
@@ -254,7 +256,10 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     if device.type != "cpu" or nbytes < RELEASE_BEFORE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype, device=device)
     release_free_memory()
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # refused by the kernel: PyTorch's allocator tries, and says so in its own words if it fails
+        return torch.empty(shape, dtype=dtype, device=device)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
