@@ -168,9 +168,14 @@ def release_before(nbytes: int, device: torch.device | str) -> bool:
         >>> release_before(1024, "cpu")  # small: nothing done
         False
     """
-    if torch.device(device).type != "cpu" or nbytes < RELEASE_BEFORE_BYTES:
+    if not _large_on_host(nbytes, device):
         return False
     return release_free_memory()
+
+
+def _large_on_host(nbytes: int, device: torch.device | str) -> bool:
+    """Whether an allocation of ``nbytes`` is on the CPU and at least :data:`RELEASE_BEFORE_BYTES`."""
+    return torch.device(device).type == "cpu" and nbytes >= RELEASE_BEFORE_BYTES
 
 
 def host_available() -> int | None:
@@ -251,9 +256,8 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         >>> basis_buffer((3, 4), torch.float32, "cpu").shape
         torch.Size([3, 4])
     """
-    device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < RELEASE_BEFORE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+    if not _large_on_host(nbytes, device) or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype, device=device)
     release_free_memory()
     try:

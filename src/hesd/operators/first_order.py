@@ -330,10 +330,10 @@ def _check_determinism(objective: Objective, state: FirstOrderState, group: Any)
     What makes Hessian-vector products random — dropout, a random augmentation, a loader that
     drops different samples each time — changes the loss, so forward passes find it for some 40 %
     of a gradient's cost (GPT-2 small: 0.9 s against 2.1–2.3 s; hesd compared gradients before,
-    BENCHMARKS.md §9). The loss over all the
-    data, not each batch's: a loader that only reshuffles the samples between batches leaves the
-    Hessian unchanged. The forwards record their graphs as the first pass did, which are then
-    dropped: without, bfloat16 autocast took other kernels and the loss moved by 1.3e-4.
+    BENCHMARKS.md §9). The loss over all the data, not each batch's: a loader that only reshuffles
+    the samples between batches leaves the Hessian unchanged. The forwards record their graphs as
+    the first pass did, which are then dropped: without, bfloat16 autocast took other kernels and
+    the loss moved by 1.3e-4.
     """
     error: BaseException | None = None
     losses: list[tuple[int, torch.Tensor]] = []
