@@ -173,6 +173,10 @@ def test_memory_modes_against_full_reorthogonalisation():
     w_full = full.weights[0][np.abs(full.values[0] - 9) < 1e-6].sum()
     w_win = window.weights[0][np.abs(window.values[0] - 9) < 1e-6].sum()
     assert abs(w_full - w_win) < 1e-3
+    # Ct and the type, from the extremes, agree; KH05, a sum over the nodes and weights, moves (plan_basis's docs)
+    c_full, c_win = hesd.criteria(full), hesd.criteria(window)
+    assert abs(c_full.ct - c_win.ct) < 1e-12 and c_full.hesd_type == c_win.hesd_type
+    assert abs(c_full.kh05 - c_win.kh05) > 1e-3 * c_full.kh05
     bf = hesd.slq(A.float(), num_steps=150, num_probes=1, seed=3, basis_dtype=torch.bfloat16)
     assert abs(bf.lambda_max - 9) < 0.05 and abs(bf.lambda_min + 3) < 0.05
 
