@@ -101,3 +101,11 @@ def test_gpt2_hesd_benchmark_smoke(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["SLQ products"] == 12 and r["type"] in ("MP", "MN") and r["lambda_max"] > r["lambda_min"]
     assert 0 < r["bf16 product error"] < 0.1 and "memory plan:" in out
+
+
+def test_top1_tolerance_benchmark_smoke():
+    out = _run(str(BENCH / "top1_tolerance.py"), "--size", "1M", "--reference", "7.0", "--tols", "1e-1", "3e-1",
+               "--tools", "hesd")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith("hesd ")]
+    assert [r[2] for r in rows] == ["0.1", "0.3"] and "failed" not in out
+    assert all(float(r[6]) < 1 and int(r[3]) >= 1 for r in rows)  # a relative error, from at least one product

@@ -1,0 +1,108 @@
+"""The top eigenvalue at equal accuracy: hesd's residual stop at several tolerances beside eigenthings' fixed steps.
+
+hesd's ``eigenvalues(k=1, tol=t)`` stops when the residual ``‖Ax − θx‖`` is at most ``t·|θ|``: a
+bound on the eigenvalue's error, which for a well-separated top eigenvalue is far larger than the
+error itself (about ``‖r‖²/gap``). hessian-eigenthings 1.0's ``lanczos`` runs a fixed number of
+steps and certifies nothing. ``benchmarks/scale.py`` compares both at ``tol=1e-3``; this script
+asks the question the other way round — how fast is each tool at the accuracy the other reaches —
+by running hesd at several tolerances and eigenthings at several step counts on the same GPT-2
+(``scale.py``'s configurations: random init, 4 × 128 tokens, the model's own loss), each tool in a
+process of its own with glibc's ``malloc`` tuned (``hesd.allocator.environment``), and scoring
+every value against ``--reference`` (hesd's float32 reference λmax of that size from
+``scale.py``: its top two to 1e-5).
+
+hesd runs under the memory plan for ``--max-memory`` (the restart basis it sizes), after one
+product that builds the kept first-order graph; each stop starts from the same seed.
+eigenthings uses its autograd product with eager attention, as in ``scale.py``.
+
+    python benchmarks/top1_tolerance.py --size 40M --reference 57.23544     # minutes on 2 CPU cores
+    python benchmarks/top1_tolerance.py --size 1M --reference nan --tols 1e-2 --steps 5   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import DEVICE, SIZES, STEPS, build  # a sibling script
+
+
+def run_hesd(a) -> list[dict]:
+    import hesd
+    from hesd.analysis.memory_plan import plan_memory
+
+    model, batch = build(a.size, eager=False)
+    plan = plan_memory(model, None, [batch], num_steps=STEPS, max_memory=int(a.max_memory * 2**30))
+    op = hesd.HessianOperator(model, None, [batch], **plan.operator_kwargs())
+    op @ torch.randn(op.shape[0], device=DEVICE)  # the first-order pass, outside the timings
+    rows = []
+    for tol in a.tols:
+        n0, t = op.num_matvecs, time.perf_counter()
+        res = hesd.eigenvalues(op, k=1, tol=tol, warn=False, max_basis=plan.eigen_basis)
+        rows.append({"tool": "hesd", "setting": f"tol {tol:g}", "s": time.perf_counter() - t,
+                     "products": op.num_matvecs - n0, "value": float(res.eigenvalues[0]),
+                     "bound": float(res.residuals[0]) / abs(float(res.eigenvalues[0]))})  # fmt: skip
+        print("ROW " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_eigenthings(a) -> list[dict]:
+    import hessian_eigenthings as he
+
+    model, batch = build(a.size, eager=True)
+    op = he.HessianOperator(model, [batch], he.hf_lm_loss())
+    op.matvec(torch.randn(op.size, device=DEVICE))  # warm-up, outside the timings
+    rows = []
+    for steps in a.steps:
+        t = time.perf_counter()
+        res = he.lanczos(op, k=1, max_iter=steps, which="LA", tol=1e-3, seed=0)
+        rows.append({"tool": "eigenthings", "setting": f"{steps} steps", "s": time.perf_counter() - t,
+                     "products": steps, "value": float(res.eigenvalues[0]), "bound": math.nan})  # fmt: skip
+        print("ROW " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="40M", choices=list(SIZES))
+    ap.add_argument("--reference", type=float, required=True, help="λmax to score against ('nan': none)")
+    ap.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2, 1e-1])
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20])
+    ap.add_argument("--max-memory", type=float, default=10.0, help="GiB for hesd's plan")
+    ap.add_argument("--tools", nargs="+", default=["hesd", "eigenthings"], choices=["hesd", "eigenthings"])
+    ap.add_argument("--child", choices=["hesd", "eigenthings"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        {"hesd": run_hesd, "eigenthings": run_eigenthings}[a.child](a)
+        return
+    from hesd.allocator import environment
+
+    env = os.environ | environment()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2 {a.size}, reference λmax "
+          f"{a.reference:.7g}; hesd under a {a.max_memory:g} GiB plan; glibc malloc tuned for both")  # fmt: skip
+    print(f"{'tool':<12} {'setting':<10} {'products':>8} {'s':>8} {'λ':>11} {'error':>9} {'hesd bound':>10}")
+    for tool in a.tools:
+        cmd = [sys.executable, __file__, "--child", tool, "--size", a.size, "--reference", str(a.reference),
+               "--max-memory", str(a.max_memory), "--tols", *map(str, a.tols),
+               "--steps", *map(str, a.steps)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        rows = [json.loads(x[4:]) for x in done.stdout.splitlines() if x.startswith("ROW ")]
+        if done.returncode != 0:
+            print(f"{tool:<12} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        for r in rows:
+            err = abs(r["value"] - a.reference) / abs(a.reference)
+            print(f"{r['tool']:<12} {r['setting']:<10} {r['products']:>8} {r['s']:8.1f} {r['value']:11.7g} "
+                  f"{err:9.1e} {r['bound']:10.1e}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
