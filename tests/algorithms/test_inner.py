@@ -9,6 +9,8 @@ above its largest eigenvalue at 2^24 entries.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ import hesd
 from hesd.algorithms.inner import CHUNK, inner, norms
 from hesd.algorithms.lanczos import as_rows
 from hesd.operators.linear import LinearOperator
+
+_mkl_local_threads = importlib.import_module("hesd.algorithms.inner")._mkl_local_threads
 
 N = 1 << 23
 
@@ -96,9 +100,7 @@ def test_ritz_values_of_a_long_float32_operator_stay_below_its_largest_eigenvalu
 def test_the_chunk_loop_gives_the_same_bits_on_any_number_of_threads(monkeypatch):
     """Threads share the chunks of a long vector; each chunk's product lands in its own row, summed in one order.
 
-    The number of loop threads is set directly, PyTorch's own left as it is: BLAS may itself split a chunk's
-    ``gemv`` among PyTorch's threads (MKL did for 3 threads on a 2-core AVX-512 machine), which is BLAS's
-    rounding, not the loop's.
+    The number of loop threads is set directly, PyTorch's own left as it is (the next test changes PyTorch's).
     """
     from hesd.algorithms import inner as module
 
@@ -113,6 +115,32 @@ def test_the_chunk_loop_gives_the_same_bits_on_any_number_of_threads(monkeypatch
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     want = torch.einsum("bkn,bn->bk", Q.double(), W.double())
     assert torch.allclose(results[0], want, rtol=0, atol=1e-5 * n**0.5)
+
+
+@pytest.mark.skipif(_mkl_local_threads() is None, reason="PyTorch without MKL: BLAS's own threading is left as it is")
+def test_the_same_bits_whatever_pytorchs_thread_count_and_mkl_left_as_it_was():
+    """With MKL, each loop thread's ``gemv`` runs on one MKL thread, then MKL's per-thread setting is restored.
+
+    Left to itself, MKL split a chunk's ``gemv`` among 3 threads differently than among 1, 2 or 4 (a 2-core
+    AVX-512 machine), so the bits depended on ``torch.get_num_threads()``.
+    """
+    from hesd.algorithms import inner as module
+
+    n = 3 * module.MIN_CHUNKS_PER_THREAD * CHUNK + 77  # up to three loop threads, a short last chunk
+    g = torch.Generator().manual_seed(11)
+    Q, W = torch.randn(1, 3, n, generator=g), torch.randn(1, n, generator=g)
+    setter = _mkl_local_threads()
+    before = torch.get_num_threads()
+    try:
+        results, restored = [], []
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)  # PyTorch sets this thread's MKL setting too
+            results.append(inner(Q, W))
+            restored.append(setter(threads))  # the setting the loop left: PyTorch's again
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert restored == [1, 2, 3, 4]
 
 
 def test_the_loop_takes_pytorchs_threads_up_to_its_caps():

@@ -26,15 +26,20 @@ float32 buffer that is summed once in float64, so the loop costs one dispatch pe
 7 553 chunks of 124 M entries: 0.065 → 0.051 s for one vector, 0.112 → 0.100 s for three, against
 slicing each chunk and adding its result to a float64 row; the same float32 chunk results).
 The chunks are shared among PyTorch's intra-op threads (:data:`MAX_THREADS` at most), each writing
-its own rows of that buffer, so how the chunks are shared does not change the result (BLAS may
-still split one chunk's ``gemv`` among PyTorch's threads and round it differently: MKL did with 3
-threads on a 2-core AVX-512 machine, so the bits depend on ``torch.get_num_threads()``, as any BLAS
-call's do); two threads took 0.059 s against 0.090 s for three vectors at 124 M. The loop also
-pauses Python's garbage collector: its two tensor views per chunk (15 000 Python objects for three
-vectors at 124 M) triggered collections, about 0.1 s every few calls when a full one walked every
-live object (30 windowed Lanczos steps at 124 M beside a free operator: 14.2 s of vector work,
-11.2 s with the pause, 9.2 s with the threads too; BENCHMARKS.md §9). The loop's objects hold no
-reference cycles, so the pause defers no memory.
+its own rows of that buffer, so how the chunks are shared does not change the result; two threads
+took 0.059 s against 0.090 s for three vectors at 124 M. With MKL (PyTorch's x86 builds) each loop
+thread runs its chunks' ``gemv`` on one MKL thread (``MKL_Set_Num_Threads_Local``, which applies to
+the calling thread only; its previous value is restored after): left to itself MKL started a team
+of threads inside each loop thread, more threads than cores, and split a chunk among 3 of them
+differently than among 2, so the bits depended on ``torch.get_num_threads()``. One MKL thread per
+loop thread gives the same bits for any thread count (tested) and, on a 2-core AVX-512 machine,
+three vectors of 124 M in 0.092 s instead of 0.117 s, and 30 windowed Lanczos steps beside a free
+operator of that size in 13.7–14.3 s instead of 16.7–17.4 s (BENCHMARKS.md §9). Without MKL, BLAS
+is left as it is. The loop also pauses Python's garbage collector: its two tensor views per chunk
+(15 000 Python objects for three vectors at 124 M) triggered collections, about 0.1 s every few
+calls when a full one walked every live object (30 windowed Lanczos steps at 124 M beside a free
+operator: 14.2 s of vector work, 11.2 s with the pause, 9.2 s with the threads too; BENCHMARKS.md
+§9). The loop's objects hold no reference cycles, so the pause defers no memory.
 Other CPU dtypes (bfloat16, float16) are cast to float64 by chunks of at most 16 MiB. On
 a GPU the product is taken in the vectors' dtype and only its result is float64: there a chunked
 loop would cost kernel launches per chunk, and the float32 recurrence was measured accurate
@@ -56,9 +61,14 @@ Examples:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -109,9 +119,9 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> None:
     """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU).
 
-    The chunks are shared among :func:`_threads` threads, each writing its own rows of ``parts``, so
-    the result does not depend on how many ran (BLAS's own threads within a chunk aside, module
-    docs). Python's garbage collector is paused meanwhile.
+    The chunks are shared among :func:`_threads` threads, each writing its own rows of ``parts`` with
+    MKL on one thread, so the result does not depend on how many ran (module docs). Python's
+    garbage collector is paused meanwhile.
     """
     nch = parts.shape[0]
     if nch == 1:
@@ -120,11 +130,18 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
     threads = _threads(nch)
     bounds = [nch * t // threads for t in range(threads + 1)]
 
+    local_blas_threads = _mkl_local_threads()
+
     def run(t: int) -> None:
         lo, hi = bounds[t] * CHUNK, bounds[t + 1] * CHUNK
         rows = parts[bounds[t] : bounds[t + 1]].unbind(0)
-        for part, qc, wc in zip(rows, q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK), strict=True):
-            torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
+        before = local_blas_threads(1) if local_blas_threads is not None else None  # this thread's gemvs: one thread
+        try:
+            for part, qc, wc in zip(rows, q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK), strict=True):
+                torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
+        finally:
+            if local_blas_threads is not None and before is not None:
+                local_blas_threads(before)  # the thread's own again (torch.set_num_threads sets it)
 
     collecting = gc.isenabled()
     gc.disable()  # the loop's views would trigger collections that walk every live object (module docs)
@@ -138,6 +155,29 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
     finally:
         if collecting:
             gc.enable()
+
+
+@functools.cache
+def _mkl_local_threads() -> Callable[[int], int] | None:
+    """MKL's ``MKL_Set_Num_Threads_Local`` from PyTorch's CPU library, or ``None`` without MKL.
+
+    It sets how many threads MKL uses for calls made from the calling thread only (0: MKL's
+    global setting) and returns the previous setting, which :func:`torch.set_num_threads` sets for
+    its calling thread. PyTorch's Linux and Intel builds link
+    MKL into ``libtorch_cpu`` and export it; other builds (OpenBLAS, Accelerate) lack it, and the
+    chunk loop then leaves BLAS as it is.
+    """
+    if not torch.backends.mkl.is_available():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib", "win32": "torch_cpu.dll"}
+    path = lib_dir / names.get(sys.platform, "libtorch_cpu.so")
+    try:
+        setter = ctypes.CDLL(str(path)).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
 
 
 def _threads(chunks: int) -> int:
