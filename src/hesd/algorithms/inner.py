@@ -163,9 +163,8 @@ def _mkl_local_threads() -> Callable[[int], int] | None:
 
     It sets how many threads MKL uses for calls made from the calling thread only (0: MKL's
     global setting) and returns the previous setting, which :func:`torch.set_num_threads` sets for
-    its calling thread. PyTorch's Linux and Intel builds link
-    MKL into ``libtorch_cpu`` and export it; other builds (OpenBLAS, Accelerate) lack it, and the
-    chunk loop then leaves BLAS as it is.
+    its calling thread. PyTorch's x86 builds link MKL into ``libtorch_cpu`` and export it; other
+    builds (OpenBLAS, Accelerate) lack it, and the chunk loop then leaves BLAS as it is.
     """
     if not torch.backends.mkl.is_available():
         return None
