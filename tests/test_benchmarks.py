@@ -105,7 +105,9 @@ def test_gpt2_hesd_benchmark_smoke(tmp_path):
 
 def test_top1_tolerance_benchmark_smoke():
     out = _run(str(BENCH / "top1_tolerance.py"), "--size", "1M", "--reference", "7.0", "--tols", "1e-1", "3e-1",
-               "--tools", "hesd")  # fmt: skip
+               "--tools", "hesd", "--hesd-steps", "3", "--seeds", "0", "1")  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.startswith("hesd ")]
-    assert [r[2] for r in rows] == ["0.1", "0.3"] and "failed" not in out
-    assert all(float(r[6]) < 1 and int(r[3]) >= 1 for r in rows)  # a relative error, from at least one product
+    settings = [["tol", "0.1", "0"], ["tol", "0.3", "0"], ["3", "steps", "0"], ["3", "steps", "1"]]  # and seeds
+    assert [r[1:4] for r in rows] == settings
+    assert "failed" not in out and [r[4] for r in rows[2:]] == ["3", "3"]  # fixed steps: exactly that many products
+    assert all(float(r[7]) < 1 and int(r[4]) >= 1 for r in rows)  # a relative error, from at least one product

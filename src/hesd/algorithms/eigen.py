@@ -97,6 +97,11 @@ def eigenvalues(
     ``tol`` can stop on one just below it before the largest has emerged from the Krylov space
     (on a random-init GPT-2 of 40 M parameters, ``tol=1e-2`` returned 55.35 for λmax = 57.24;
     ``tol=1e-3`` found λmax from every start tried, BENCHMARKS.md §9), as for any Krylov method.
+    For a fixed number of products instead, as hessian-eigenthings' ``lanczos(max_iter=m)`` runs,
+    pass ``max_matvecs=m`` and ``warn=False``: ``residuals`` still bound the values' errors and
+    ``converged`` says whether ``tol`` was met (the 40 M GPT-2 above, from eigenthings' starts:
+    the same Ritz values, and after 20 or 25 products from one of them 55.35 and 56.32 instead
+    of λmax, with residuals above 1e-3 saying so).
 
     Operators whose vectors are split across ranks (:class:`hesd.operators.sharded.ShardedOperator`,
     :class:`hesd.operators.fsdp.FSDPHessianOperator`) are run as in one process: the random
