@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hesd
-from hesd.algorithms.inner import CHUNK, inner, norms
+from hesd.algorithms.inner import CHUNK, columns, inner, norms
 from hesd.algorithms.lanczos import as_rows
 from hesd.operators.linear import LinearOperator
 
@@ -199,3 +199,42 @@ def test_an_error_in_a_helper_thread_reaches_the_caller_after_every_thread_ended
     finally:
         torch.set_num_threads(before)
     assert threading.active_count() == running
+
+
+def test_column_products_of_long_float32_matrices_are_accurate_where_one_blas_call_is_not():
+    g = torch.Generator().manual_seed(3)
+    n = N + 4321  # not a multiple of the chunk
+    X, Y = torch.rand(n, 3, generator=g), torch.rand(n, 2, generator=g)  # positive: the worst case for a long sum
+    want = X.double().T @ Y.double()
+    got = columns(X, Y)
+    assert got.dtype == torch.float64 and got.shape == (3, 2)
+    err = float(((got - want).abs() / want).max())
+    whole = float((((X.T @ Y).double() - want).abs() / want).max())
+    assert err < 2e-7, err
+    assert whole > 10 * err, (whole, err)  # one float32 BLAS call over all the rows: what the chunks avoid
+    gram = columns(X)
+    assert torch.equal(gram, gram.T) and float(((gram - X.double().T @ X.double()).abs() / gram).max()) < 2e-7
+
+
+@pytest.mark.parametrize("n", [0, 1, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_column_products_of_every_length_and_dtype(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    X, Y = torch.randn(n, 4, generator=g).to(dtype), torch.randn(n, 3, generator=g).to(dtype)
+    got = columns(X, Y)
+    assert got.shape == (4, 3) and got.dtype == torch.float64
+    want = X.double().T @ Y.double()
+    tol = 1e-6 * max(1.0, n**0.5) if dtype == torch.float32 else 1e-12 * max(1.0, n)  # float32 chunk results, or exact
+    assert torch.allclose(got, want, rtol=0, atol=tol)
+
+
+def test_column_products_give_the_same_bits_on_any_number_of_threads(monkeypatch):
+    from hesd.algorithms import inner as module
+
+    n = 3 * module.MIN_CHUNKS_PER_THREAD * CHUNK + 77
+    X = torch.randn(n, 3, generator=torch.Generator().manual_seed(12))
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(module, "_threads", lambda chunks, t=threads: t)
+        results.append(columns(X))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

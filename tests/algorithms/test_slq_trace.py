@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -310,3 +312,54 @@ def test_the_local_pass_reads_q_prev_and_q_in_one_product_unless_a_window_wraps(
     assert torch.allclose(res.beta[:m], torch.tensor(betas[:m], dtype=torch.float64), rtol=0, atol=1e-10)
     T = torch.diag(res.alpha) + torch.diag(res.beta, 1) + torch.diag(res.beta, -1)
     assert abs(torch.linalg.eigvalsh(T)[-1] - 5.0) < 1e-10
+
+
+class _LowRank(hesd.operators.LinearOperator):
+    """``B Bᵀ`` in float32 for a long ``B``, its products accumulated in float64 (hesd.algorithms.inner)."""
+
+    def __init__(self, B: torch.Tensor) -> None:
+        self.B, self.shape, self.dtype, self.device = B, (B.shape[0], B.shape[0]), B.dtype, B.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        from hesd.algorithms.inner import columns
+
+        return self.B @ columns(self.B, V).to(self.dtype)
+
+
+def test_hutchpp_is_exact_on_a_long_float32_low_rank_operator_where_lapacks_qr_alone_is_not(monkeypatch):
+    """A rank-3 operator with a 3-column sketch: Hutch++ is exact up to float32 rounding, if its Q is orthonormal.
+
+    LAPACK's float32 QR of 2^23 rows with positive entries leaves Q orthonormal to about 1e-4, and
+    tr(QᵀAQ) inherits that; one Cholesky QR step with a float64-accumulated Gram matrix removes it.
+    """
+    module = importlib.import_module("hesd.algorithms.trace")  # the package's `trace` is the function
+
+    B = torch.rand(1 << 23, 3, generator=torch.Generator().manual_seed(5))
+    op = _LowRank(B)
+    exact = float((B.double() ** 2).sum())
+    err = abs(hesd.trace(op, method="hutchpp", num_matvecs=9).estimate - exact) / exact
+    monkeypatch.setattr(module, "_orthonormal", torch.linalg.qr)
+    lapack = abs(hesd.trace(op, method="hutchpp", num_matvecs=9).estimate - exact) / exact
+    print(err, lapack)
+    assert err < 1e-6, err
+    assert lapack > 10 * err, (lapack, err)
+
+
+@pytest.mark.parametrize("conditioning", [1.0, 1e-4, 0.0])
+def test_the_sketch_is_orthonormalised_within_its_own_span(monkeypatch, conditioning):
+    """float32 sketches: Cholesky QR with float64 Gram matrices; LAPACK only where the sketch has lower rank."""
+    module = importlib.import_module("hesd.algorithms.trace")
+    g = torch.Generator().manual_seed(7)
+    n = 3 * (1 << 14) + 11
+    U, _ = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    singular = torch.tensor([1.0, 0.3, 1e-2, conditioning], dtype=torch.float64)  # 0.0: rank 3 of 4 columns
+    Y = ((U * singular) @ V.T * 1e3).float()
+    lapack = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: lapack.append(1) or qr(*a, **k))
+    Q, R = module._orthonormal(Y)
+    assert bool(lapack) == (conditioning == 0.0)
+    assert Q.dtype == R.dtype == torch.float32 and Q.shape == (n, 4) and R.shape == (4, 4)
+    assert float((Q.double().T @ Q.double() - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-5
+    assert float((Q.double() @ R.double() - Y.double()).norm() / Y.double().norm()) < 1e-6

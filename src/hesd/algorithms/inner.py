@@ -46,6 +46,9 @@ loop would cost kernel launches per chunk, and the float32 recurrence was measur
 (GPT-2 small's top eigenvalue in float32 agreed with float64 to 2e-7 on an H200, BENCHMARKS.md
 §9); that is a measurement on one model, not a bound. float64 vectors are multiplied directly.
 
+:func:`columns` takes the inner products between the columns of two ``(n, k)`` matrices the same
+way, by blocks of :data:`CHUNK` rows (the Gram matrices of Hutch++'s sketch, :mod:`hesd.algorithms.trace`).
+
 Norms need the same care: PyTorch's float32 :func:`torch.linalg.vector_norm` on the CPU erred by
 5.4e-4 over :math:`2^{24}` entries and 9.2e-3 over 124 M (uniform entries; a plain ``sum`` was
 right to 4e-8), so every Lanczos vector was normalised to a length off by that much and the
@@ -72,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["dots", "inner", "norms"]
+__all__ = ["columns", "dots", "inner", "norms"]
 
 #: entries of float32 vectors multiplied by one BLAS call on the CPU (its rounding grows with this length)
 CHUNK = 1 << 14
@@ -117,28 +120,36 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> None:
-    """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU).
-
-    The chunks are shared among :func:`_threads` threads, each writing its own rows of ``parts`` with
-    MKL on one thread, so the result does not depend on how many ran (module docs). Python's
-    garbage collector is paused meanwhile.
-    """
+    """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU), by :func:`_chunk_loop`."""
     nch = parts.shape[0]
     if nch == 1:
         torch.mv(q, w, out=parts[0])
         return
-    threads = _threads(nch)
-    bounds = [nch * t // threads for t in range(threads + 1)]
 
+    def work(first: int, stop: int) -> None:
+        lo, hi = first * CHUNK, stop * CHUNK
+        for part, qc, wc in zip(parts[first:stop].unbind(0), q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK),
+                                strict=True):  # fmt: skip
+            torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
+
+    _chunk_loop(nch, work)
+
+
+def _chunk_loop(chunks: int, work: Callable[[int, int], None]) -> None:
+    """Run ``work(first, stop)`` over ranges of ``chunks`` chunks shared among :func:`_threads` threads.
+
+    Each range is one thread's, which runs its BLAS calls on one MKL thread; every chunk's result
+    goes to its own row, so the result does not depend on how many threads ran (module docs).
+    Python's garbage collector is paused meanwhile.
+    """
+    threads = _threads(chunks)
+    bounds = [chunks * t // threads for t in range(threads + 1)]
     local_blas_threads = _mkl_local_threads()
 
     def run(t: int) -> None:
-        lo, hi = bounds[t] * CHUNK, bounds[t + 1] * CHUNK
-        rows = parts[bounds[t] : bounds[t + 1]].unbind(0)
-        before = local_blas_threads(1) if local_blas_threads is not None else None  # this thread's gemvs: one thread
+        before = local_blas_threads(1) if local_blas_threads is not None else None  # this thread's BLAS: one thread
         try:
-            for part, qc, wc in zip(rows, q[:, lo:hi].split(CHUNK, 1), w[lo:hi].split(CHUNK), strict=True):
-                torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
+            work(bounds[t], bounds[t + 1])
         finally:
             if local_blas_threads is not None and before is not None:
                 local_blas_threads(before)  # the thread's own again (torch.set_num_threads sets it)
@@ -146,7 +157,7 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
     collecting = gc.isenabled()
     gc.disable()  # the loop's views would trigger collections that walk every live object (module docs)
     try:
-        # leaving the block waits for the helpers, which write into parts, also when the caller's share fails
+        # leaving the block waits for the helpers, which write into the rows, also when the caller's share fails
         with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
             helpers = [pool.submit(run, t) for t in range(1, threads)] if pool is not None else []
             run(0)
@@ -155,6 +166,48 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
     finally:
         if collecting:
             gc.enable()
+
+
+def columns(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    r"""``X.T @ Y`` for matrices whose columns are long vectors, accumulated in float64 (module docs).
+
+    The inner products of every column of ``X`` with every column of ``Y`` (the Gram matrix
+    :math:`X^\top X` without ``Y``), as :func:`inner` takes them: on the CPU, float32 blocks of
+    :data:`CHUNK` rows multiplied by BLAS, each block's result added in float64. A float32
+    ``X.T @ Y`` over all rows accumulates like a long ``gemv`` (orthonormal columns of 124 M
+    entries from a float32 QR were off by 2.8e-3, BENCHMARKS.md §9).
+
+    Args:
+        X: ``(n, k)``.
+        Y: ``(n, l)`` (default ``X``).
+
+    Returns:
+        ``(k, l)`` float64 on ``X``'s device.
+    """
+    Y = X if Y is None else Y
+    if (X.dtype == torch.float64 and Y.dtype == torch.float64) or X.device.type != "cpu":
+        return (X.T @ Y.to(X.dtype)).to(torch.float64)
+    n, k, m = X.shape[0], X.shape[1], Y.shape[1]
+    if X.dtype == torch.float32 and Y.dtype == torch.float32:
+        nch = max(1, -(-n // CHUNK))
+        parts = torch.empty(nch, k, m, dtype=torch.float32, device=X.device)  # a block per chunk of rows
+
+        def work(first: int, stop: int) -> None:
+            lo, hi = first * CHUNK, stop * CHUNK
+            for part, xc, yc in zip(parts[first:stop].unbind(0), X[lo:hi].split(CHUNK), Y[lo:hi].split(CHUNK),
+                                    strict=True):  # fmt: skip
+                torch.mm(xc.T, yc, out=part)
+
+        if nch == 1:
+            work(0, 1)
+        else:
+            _chunk_loop(nch, work)
+        return parts.sum(0, dtype=torch.float64)
+    chunk = max(256, CHUNK_BYTES // (8 * max(k + m, 1)))  # rows of both cast to float64 at a time
+    out = torch.zeros(k, m, dtype=torch.float64, device=X.device)
+    for s in range(0, n, chunk):
+        out += X[s : s + chunk].double().T @ Y[s : s + chunk].double()
+    return out
 
 
 @functools.cache

@@ -29,6 +29,7 @@ import torch
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from .inner import CHUNK, columns
 from .probes import rademacher
 from .results import TraceResult
 
@@ -107,7 +108,7 @@ def trace(
     g = num_matvecs - 2 * s
     S = rademacher(n, s, seed, dt, dev)
     Y = _apply(op, S, chunk)
-    Q, R = torch.linalg.qr(Y)
+    Q, R = _orthonormal(Y)
     info: dict = {}
     if method == "auto":
         info = _predict(S, Y, R, num_matvecs) if s < n else {"left": 0.0, "hutchpp_variance": 0.0}
@@ -115,11 +116,56 @@ def trace(
             return _hutchinson(op, num_matvecs - s, seed, s, chunk, num_matvecs, info)
     t_low = float(torch.sum(Q * _apply(op, Q, chunk)))
     G = rademacher(n, g, seed, dt, dev, offset=s)
-    G = G - Q @ (Q.T @ G)
+    G.addmm_(Q, columns(Q, G).to(dt), alpha=-1)  # (I - QQᵀ)G in place, Qᵀ G accumulated in float64
     samples = (G * _apply(op, G, chunk)).sum(dim=0).to(torch.float64).cpu()
     est = t_low + float(samples.mean())
     se = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else math.inf
     return TraceResult(est, se, num_matvecs, "hutchpp", samples, info)
+
+
+def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``Y = QR`` with ``Q``'s columns orthonormal: for float32, shifted Cholesky QR (CholeskyQR3).
+
+    Hutch++ needs an orthogonal projector :math:`P = QQ^\top` (the split :math:`\operatorname{tr}(A) =
+    \operatorname{tr}(Q^\top AQ) + \operatorname{tr}((I-P)A(I-P))` holds for no other ``Q``) onto the
+    span of the sketch (what it leaves is sampled). LAPACK's float32 QR accumulates its inner
+    products over all :math:`n` rows in float32: at GPT-2 small's :math:`n = 1.24 \times 10^8` its
+    ``Q`` was orthonormal only to 2.8e-3 and its span off the sketch's, and Hutch++ on a rank-3
+    operator from a 3-column sketch erred by 6.9e-3 where it is exact (BENCHMARKS.md §9). Here the
+    Gram matrices are accumulated in float64 (:func:`hesd.algorithms.inner.columns`) and
+    :math:`Q = Y C_1^{-1} C_2^{-1} C_3^{-1}`, each :math:`C` the Cholesky factor of the current
+    :math:`Q^\top Q`, the first shifted by :math:`10^{-6}\operatorname{tr}(Y^\top Y)` so that it
+    exists for any finite ``Y`` (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SIAM J. Sci.
+    Comput. 2020), so ``Q`` spans the sketch's columns as computed. Where that fails (a sketch of
+    lower rank than its columns: then ``Q`` is checked and found not orthonormal), and for other
+    dtypes, LAPACK's QR.
+    """
+    if Y.dtype == torch.float32 and 0 < Y.shape[1] <= Y.shape[0]:
+        Q, R = Y.clone(), torch.eye(Y.shape[1], dtype=torch.float64)
+        for shift in (1e-6, 0.0, 0.0):
+            C = _cholesky_step(Q, shift)
+            if C is None:
+                break
+            R = C @ R
+        else:
+            if float((columns(Q).cpu() - torch.eye(Q.shape[1], dtype=torch.float64)).abs().max()) < 1e-5:
+                return Q, R.to(dtype=Y.dtype, device=Y.device)
+    return torch.linalg.qr(Y)
+
+
+def _cholesky_step(X: torch.Tensor, shift: float) -> torch.Tensor | None:
+    """``X ← X C⁻¹`` in place, ``C`` upper with ``CᵀC = XᵀX + shift·tr(XᵀX)·I``; returns ``C`` (``None``: no factor)."""
+    gram = columns(X).cpu()
+    gram += shift * float(gram.diagonal().sum()) * torch.eye(gram.shape[0], dtype=torch.float64)
+    lower, failed = torch.linalg.cholesky_ex(gram)
+    if failed or not bool(torch.isfinite(lower).all()):
+        return None
+    C = lower.T
+    inverse = torch.linalg.solve_triangular(C, torch.eye(C.shape[0], dtype=torch.float64), upper=True)
+    inverse = inverse.to(dtype=X.dtype, device=X.device)
+    for r in range(0, X.shape[0], CHUNK):  # by blocks of rows: no second n × s matrix
+        X[r : r + CHUNK] = X[r : r + CHUNK] @ inverse
+    return C
 
 
 def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, info=None) -> TraceResult:
@@ -133,14 +179,13 @@ def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, 
 def _predict(S: torch.Tensor, Y: torch.Tensor, R: torch.Tensor, m: int) -> dict:
     """``"auto"``'s prediction from the sketch ``Y = A S = QR`` (see :func:`trace`)."""
     s = S.shape[1]
-    Y64 = Y.to(torch.float64).cpu()
-    energy = (Y64**2).sum(dim=0)  # ‖y_i‖², each an unbiased estimate of ‖A‖_F²
+    energy = columns(Y).diagonal().cpu()  # ‖y_i‖², each an unbiased estimate of ‖A‖_F² (no float64 copy of Y)
     R64 = R.to(torch.float64).cpu()
     eye = torch.eye(s, dtype=torch.float64)
     rinv = torch.linalg.solve_triangular(R64, eye, upper=True)  # inf/nan where Y is rank deficient
     loo = 1.0 / (rinv**2).sum(dim=1)
     loo = torch.where(torch.isfinite(loo), loo, torch.zeros_like(loo))  # a dependent column: nothing left
-    forms = (S.to(torch.float64).cpu() * Y64).sum(dim=0)
+    forms = columns(S, Y).diagonal().cpu()
     spread = float(forms.var(unbiased=True)) if s > 1 else 2 * float(energy.mean())
     left = float(loo.mean())
     return {
