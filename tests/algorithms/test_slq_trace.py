@@ -358,8 +358,25 @@ def test_the_sketch_is_orthonormalised_within_its_own_span(monkeypatch, conditio
     lapack = []
     qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: lapack.append(1) or qr(*a, **k))
-    Q, R = module._orthonormal(Y)
+    Q, R = module._orthonormal(Y.clone())
     assert bool(lapack) == (conditioning == 0.0)
     assert Q.dtype == R.dtype == torch.float32 and Q.shape == (n, 4) and R.shape == (4, 4)
     assert float((Q.double().T @ Q.double() - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-5
     assert float((Q.double() @ R.double() - Y.double()).norm() / Y.double().norm()) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "auto"])
+def test_trace_draws_and_holds_no_more_than_a_chunk_of_probes(monkeypatch, method):
+    """Probes are drawn a chunk at a time (60 probes of GPT-2 small: 28 GiB); the estimate does not depend on it."""
+    module = importlib.import_module("hesd.algorithms.trace")
+    bulk = 0.01 * torch.randn(30, generator=torch.Generator().manual_seed(3))
+    eigs = torch.cat([10.0 / torch.arange(1.0, 11.0), bulk])
+    A = random_symmetric(40, eigs, seed=3)
+    whole = hesd.trace(A, method=method, num_matvecs=30, chunk=30, seed=4)
+    widths = []
+    draw = module.rademacher
+    monkeypatch.setattr(module, "rademacher", lambda n, k, *a, **kw: widths.append(k) or draw(n, k, *a, **kw))
+    chunked = hesd.trace(A, method=method, num_matvecs=30, chunk=4, seed=4)
+    assert widths and max(widths) <= 4
+    assert chunked.method == whole.method and abs(chunked.estimate - whole.estimate) < 1e-12 * abs(whole.estimate)
+    assert torch.allclose(chunked.samples, whole.samples, rtol=1e-12, atol=0)

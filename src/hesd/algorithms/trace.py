@@ -15,8 +15,11 @@ r"""Stochastic trace estimation: Hutchinson, Hutch++ and a choice between them.
   ``"auto"`` then spends the rest on plain Hutchinson probes.
 
 The standard error is the sample standard deviation of the stochastic part divided by
-the square root of its probe count. Probes are pushed through the operator in chunks of
-``chunk`` columns, so memory stays bounded.
+the square root of its probe count. Probes are drawn and pushed through the operator in chunks of
+``chunk`` columns, and only a chunk of probes and products is held at a time: beside the operator,
+Hutchinson holds two ``(n, chunk)`` matrices and Hutch++ its ``(n, m/3)`` sketch too (which
+becomes ``Q`` in place). Every quadratic form and projection is accumulated in float64
+(:func:`hesd.algorithms.inner.columns`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,19 @@ from .results import TraceResult
 __all__ = ["trace"]
 
 
-def _apply(op, Z: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([op @ Z[:, s : s + chunk] for s in range(0, Z.shape[1], chunk)], dim=1)
+def _forms(op, draw, count: int, chunk: int, Q: torch.Tensor | None = None) -> torch.Tensor:
+    """``zᵢᵀ A zᵢ`` (float64, on the CPU) for ``count`` probes drawn ``chunk`` at a time by ``draw(start, width)``.
+
+    Each probe is first projected off ``Q``'s columns when ``Q`` is given (Hutch++'s deflation). No
+    more than ``chunk`` probes and their products are held at a time.
+    """
+    out = torch.empty(count, dtype=torch.float64)
+    for start in range(0, count, chunk):
+        Z = draw(start, min(chunk, count - start))
+        if Q is not None:
+            Z.addmm_(Q, columns(Q, Z).to(Z.dtype), alpha=-1)  # (I - QQᵀ)Z in place, Qᵀ Z accumulated in float64
+        out[start : start + Z.shape[1]] = columns(Z, op @ Z).diagonal().cpu()
+    return out
 
 
 def trace(
@@ -106,18 +120,24 @@ def trace(
         raise HesdValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
-    S = rademacher(n, s, seed, dt, dev)
-    Y = _apply(op, S, chunk)
-    Q, R = _orthonormal(Y)
+    Y = torch.empty(n, s, dtype=dt, device=dev)  # the sketch A S, a chunk of probes at a time
+    forms = torch.empty(s, dtype=torch.float64)  # the sketch's own quadratic forms sᵢᵀ yᵢ (for "auto")
+    for a in range(0, s, chunk):
+        S = rademacher(n, min(chunk, s - a), seed, dt, dev, offset=a)
+        Y[:, a : a + S.shape[1]] = op @ S
+        forms[a : a + S.shape[1]] = columns(S, Y[:, a : a + S.shape[1]]).diagonal().cpu()
+        del S
+    energy = columns(Y).diagonal().cpu()  # ‖yᵢ‖², each an unbiased estimate of ‖A‖_F²
+    Q, R = _orthonormal(Y)  # in place: Q is Y where it can be
+    del Y
     info: dict = {}
     if method == "auto":
-        info = _predict(S, Y, R, num_matvecs) if s < n else {"left": 0.0, "hutchpp_variance": 0.0}
+        info = _predict(R, energy, forms, num_matvecs) if s < n else {"left": 0.0, "hutchpp_variance": 0.0}
         if info.get("hutchinson_variance", math.inf) < info["hutchpp_variance"]:
+            del Q
             return _hutchinson(op, num_matvecs - s, seed, s, chunk, num_matvecs, info)
-    t_low = float(torch.sum(Q * _apply(op, Q, chunk)))
-    G = rademacher(n, g, seed, dt, dev, offset=s)
-    G.addmm_(Q, columns(Q, G).to(dt), alpha=-1)  # (I - QQᵀ)G in place, Qᵀ G accumulated in float64
-    samples = (G * _apply(op, G, chunk)).sum(dim=0).to(torch.float64).cpu()
+    t_low = float(_forms(op, lambda a, w: Q[:, a : a + w].contiguous(), Q.shape[1], chunk).sum())
+    samples = _forms(op, lambda a, w: rademacher(n, w, seed, dt, dev, offset=s + a), g, chunk, Q)
     est = t_low + float(samples.mean())
     se = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else math.inf
     return TraceResult(est, se, num_matvecs, "hutchpp", samples, info)
@@ -136,21 +156,24 @@ def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :math:`Q = Y C_1^{-1} C_2^{-1} C_3^{-1}`, each :math:`C` the Cholesky factor of the current
     :math:`Q^\top Q`, the first shifted by :math:`10^{-6}\operatorname{tr}(Y^\top Y)` so that it
     exists for any finite ``Y`` (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SIAM J. Sci.
-    Comput. 2020), so ``Q`` spans the sketch's columns as computed. Where that fails (a sketch of
-    lower rank than its columns: then ``Q`` is checked and found not orthonormal), and for other
-    dtypes, LAPACK's QR.
+    Comput. 2020), so ``Q`` spans the sketch's columns as computed; ``Y`` is overwritten by ``Q``
+    (no second ``n × s`` matrix). Where that fails (a sketch of lower rank than its columns: then
+    ``Q`` is checked and found not orthonormal), LAPACK's QR finishes on what the steps left; for
+    other dtypes, LAPACK's QR of ``Y``.
     """
-    if Y.dtype == torch.float32 and 0 < Y.shape[1] <= Y.shape[0]:
-        Q, R = Y.clone(), torch.eye(Y.shape[1], dtype=torch.float64)
-        for shift in (1e-6, 0.0, 0.0):
-            C = _cholesky_step(Q, shift)
-            if C is None:
-                break
-            R = C @ R
-        else:
-            if float((columns(Q).cpu() - torch.eye(Q.shape[1], dtype=torch.float64)).abs().max()) < 1e-5:
-                return Q, R.to(dtype=Y.dtype, device=Y.device)
-    return torch.linalg.qr(Y)
+    if Y.dtype != torch.float32 or not 0 < Y.shape[1] <= Y.shape[0]:
+        return torch.linalg.qr(Y)
+    R = torch.eye(Y.shape[1], dtype=torch.float64)  # the original Y is Y R throughout
+    for shift in (1e-6, 0.0, 0.0):
+        C = _cholesky_step(Y, shift)
+        if C is None:
+            break
+        R = C @ R
+    else:
+        if float((columns(Y).cpu() - torch.eye(Y.shape[1], dtype=torch.float64)).abs().max()) < 1e-5:
+            return Y, R.to(dtype=Y.dtype, device=Y.device)
+    Q, R_last = torch.linalg.qr(Y)  # Y's span as the steps left it, which is the sketch's
+    return Q, (R_last.to(torch.float64).cpu() @ R).to(dtype=Y.dtype, device=Y.device)
 
 
 def _cholesky_step(X: torch.Tensor, shift: float) -> torch.Tensor | None:
@@ -170,22 +193,20 @@ def _cholesky_step(X: torch.Tensor, shift: float) -> torch.Tensor | None:
 
 def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, info=None) -> TraceResult:
     """Hutchinson with ``count`` Rademacher probes (stream ``seed`` from ``offset``), ``total`` products in all."""
-    Z = rademacher(op.shape[0], count, seed, op.dtype, op.device, offset=offset)
-    samples = (Z * _apply(op, Z, chunk)).sum(dim=0).to(torch.float64).cpu()
+    n, dt, dev = op.shape[0], op.dtype, op.device
+    samples = _forms(op, lambda a, w: rademacher(n, w, seed, dt, dev, offset=offset + a), count, chunk)
     se = float(samples.std(unbiased=True) / math.sqrt(count)) if count > 1 else math.inf
     return TraceResult(float(samples.mean()), se, total, "hutchinson", samples, info or {})
 
 
-def _predict(S: torch.Tensor, Y: torch.Tensor, R: torch.Tensor, m: int) -> dict:
-    """``"auto"``'s prediction from the sketch ``Y = A S = QR`` (see :func:`trace`)."""
-    s = S.shape[1]
-    energy = columns(Y).diagonal().cpu()  # ‖y_i‖², each an unbiased estimate of ‖A‖_F² (no float64 copy of Y)
+def _predict(R: torch.Tensor, energy: torch.Tensor, forms: torch.Tensor, m: int) -> dict:
+    """``"auto"``'s prediction (see :func:`trace`) from the sketch ``Y = A S = QR``, ``‖yᵢ‖²`` and ``sᵢᵀyᵢ``."""
+    s = R.shape[1]
     R64 = R.to(torch.float64).cpu()
     eye = torch.eye(s, dtype=torch.float64)
     rinv = torch.linalg.solve_triangular(R64, eye, upper=True)  # inf/nan where Y is rank deficient
     loo = 1.0 / (rinv**2).sum(dim=1)
     loo = torch.where(torch.isfinite(loo), loo, torch.zeros_like(loo))  # a dependent column: nothing left
-    forms = columns(S, Y).diagonal().cpu()
     spread = float(forms.var(unbiased=True)) if s > 1 else 2 * float(energy.mean())
     left = float(loo.mean())
     return {
