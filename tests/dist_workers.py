@@ -135,6 +135,7 @@ def sharded_basis_worker(rank: int, world: int, init_file: str, out: str) -> Non
             "block": sharded.shape[0],
             "full": hesd.slq(sharded, num_steps=15, num_probes=2, seed=4).to_dict(),
             "window": hesd.slq(sharded, num_steps=15, num_probes=1, seed=4, reorth="window", window=4).to_dict(),
+            "trace": {m: hesd.trace(sharded, m, num_matvecs=30, seed=2, chunk=4) for m in ("hutchpp", "hutchinson")},
         }
         torch.save(res, f"{out}/sharded_rank{rank}.pt")
     finally:

@@ -65,13 +65,17 @@ def test_data_parallel_matches_single_process(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_basis_equals_one_process_and_divides_the_basis(world, tmp_path):
-    """Each rank keeps 1/world of every Lanczos vector; Ritz values and weights are one process's to 1e-8."""
+    """Each rank keeps 1/world of every Lanczos vector; Ritz values and weights are one process's to 1e-8.
+
+    So are the trace estimates, Hutch++'s sketch orthonormalised across the ranks.
+    """
     _spawn(sharded_basis_worker, world, tmp_path)
     model, batches, _ = make_case("cnn", seed=31)
     op = hesd.HessianOperator(model, CE, batches)
     P = op.shape[0]
     ref = hesd.slq(op, num_steps=15, num_probes=2, seed=4)
     ref_window = hesd.slq(op, num_steps=15, num_probes=1, seed=4, reorth="window", window=4)
+    traces = {m: hesd.trace(op, m, num_matvecs=30, seed=2, chunk=4) for m in ("hutchpp", "hutchinson")}
     results = [torch.load(tmp_path / f"sharded_rank{r}.pt", weights_only=False) for r in range(world)]
     covered = sorted(r["rows"] for r in results)
     assert covered[0][0] == 0 and covered[-1][1] == P and all(a[1] == b[0] for a, b in itertools.pairwise(covered))
@@ -83,6 +87,10 @@ def test_sharded_basis_equals_one_process_and_divides_the_basis(world, tmp_path)
             for got_v, got_w, v, w in zip(r[key]["values"], r[key]["weights"], want.values, want.weights, strict=True):
                 assert np.allclose(got_v, v, atol=1e-8) and np.allclose(got_w, w, atol=1e-8), key
         assert r["full"]["info"]["vector_rows"] == -(-P // world)  # each stored Lanczos vector: 1/world of P
+        for method, want in traces.items():  # the same probes, drawn whole and cut; Hutch++'s Q across the ranks
+            got = r["trace"][method]
+            assert abs(got.estimate - want.estimate) < 1e-8 * abs(want.estimate), method
+            assert torch.allclose(got.samples, want.samples, rtol=1e-8, atol=1e-10), method
     for r in results[1:]:
         assert r["full"]["values"] == results[0]["full"]["values"]  # identical decisions on every rank
 

@@ -39,6 +39,17 @@ from .results import TraceResult
 __all__ = ["trace"]
 
 
+def _columns(op, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """``XᵀY`` in float64 on the CPU, summed over the ranks when ``op``'s vectors are sharded."""
+    return op.reduce_inner(columns(X, Y)).cpu()
+
+
+def _probes(op, seed: int, offset: int, width: int) -> torch.Tensor:
+    """Rademacher probes ``offset … offset + width − 1`` of stream ``seed``: drawn whole, this rank's rows kept."""
+    Z = rademacher(op.full_dim, width, seed, op.dtype, op.device, offset=offset)
+    return op.local_rows(Z) if op.sharded else Z
+
+
 def _forms(op, draw, count: int, chunk: int, Q: torch.Tensor | None = None) -> torch.Tensor:
     """``zᵢᵀ A zᵢ`` (float64, on the CPU) for ``count`` probes drawn ``chunk`` at a time by ``draw(start, width)``.
 
@@ -48,9 +59,9 @@ def _forms(op, draw, count: int, chunk: int, Q: torch.Tensor | None = None) -> t
     out = torch.empty(count, dtype=torch.float64)
     for start in range(0, count, chunk):
         Z = draw(start, min(chunk, count - start))
-        if Q is not None:
-            Z.addmm_(Q, columns(Q, Z).to(Z.dtype), alpha=-1)  # (I - QQᵀ)Z in place, Qᵀ Z accumulated in float64
-        out[start : start + Z.shape[1]] = columns(Z, op @ Z).diagonal().cpu()
+        if Q is not None:  # (I - QQᵀ)Z in place, QᵀZ accumulated in float64
+            Z.addmm_(Q, _columns(op, Q, Z).to(device=Z.device, dtype=Z.dtype), alpha=-1)
+        out[start : start + Z.shape[1]] = _columns(op, Z, op @ Z).diagonal()
     return out
 
 
@@ -85,6 +96,11 @@ def trace(
     reuse are the price on a flat spectrum (a network at initialisation); BENCHMARKS.md §5 has the
     error over 200 seeds at initialisation and trained.
 
+    Operators whose vectors are split across ranks (:class:`hesd.operators.sharded.ShardedOperator`,
+    :class:`hesd.operators.fsdp.FSDPHessianOperator`) are run as in one process: each probe is drawn
+    whole and cut, every quadratic form and Gram matrix is summed over the ranks (``reduce_inner``),
+    and each rank holds its rows of the sketch (tested against one process to 1e-8).
+
     Args:
         A: symmetric operator, tensor or SciPy operator.
         method: ``"auto"`` (default), ``"hutchpp"`` or ``"hutchinson"``.
@@ -108,7 +124,7 @@ def trace(
     """
     caller = "trace"
     op = as_operator(A, caller)
-    n = op.shape[0]
+    n = op.full_dim  # the whole dimension (each rank holds op.shape[0] rows when vectors are sharded)
     check_positive_int(num_matvecs, "num_matvecs", caller)
     check_positive_int(chunk, "chunk", caller)
     dt, dev = op.dtype, op.device
@@ -120,15 +136,15 @@ def trace(
         raise HesdValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
-    Y = torch.empty(n, s, dtype=dt, device=dev)  # the sketch A S, a chunk of probes at a time
+    Y = torch.empty(op.shape[0], s, dtype=dt, device=dev)  # the sketch A S (this rank's rows), a chunk at a time
     forms = torch.empty(s, dtype=torch.float64)  # the sketch's own quadratic forms sᵢᵀ yᵢ (for "auto")
     for a in range(0, s, chunk):
-        S = rademacher(n, min(chunk, s - a), seed, dt, dev, offset=a)
+        S = _probes(op, seed, a, min(chunk, s - a))
         Y[:, a : a + S.shape[1]] = op @ S
-        forms[a : a + S.shape[1]] = columns(S, Y[:, a : a + S.shape[1]]).diagonal().cpu()
+        forms[a : a + S.shape[1]] = _columns(op, S, Y[:, a : a + S.shape[1]]).diagonal()
         del S
-    energy = columns(Y).diagonal().cpu()  # ‖yᵢ‖², each an unbiased estimate of ‖A‖_F²
-    Q, R = _orthonormal(Y)  # in place: Q is Y where it can be
+    energy = _columns(op, Y).diagonal()  # ‖yᵢ‖², each an unbiased estimate of ‖A‖_F²
+    Q, R = _orthonormal(op, Y)  # in place: Q is Y where it can be
     del Y
     info: dict = {}
     if method == "auto":
@@ -137,13 +153,13 @@ def trace(
             del Q
             return _hutchinson(op, num_matvecs - s, seed, s, chunk, num_matvecs, info)
     t_low = float(_forms(op, lambda a, w: Q[:, a : a + w].contiguous(), Q.shape[1], chunk).sum())
-    samples = _forms(op, lambda a, w: rademacher(n, w, seed, dt, dev, offset=s + a), g, chunk, Q)
+    samples = _forms(op, lambda a, w: _probes(op, seed, s + a, w), g, chunk, Q)
     est = t_low + float(samples.mean())
     se = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else math.inf
     return TraceResult(est, se, num_matvecs, "hutchpp", samples, info)
 
 
-def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _orthonormal(op, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``Y = QR`` with ``Q``'s columns orthonormal: for float32, shifted Cholesky QR (CholeskyQR3).
 
     Hutch++ needs an orthogonal projector :math:`P = QQ^\top` (the split :math:`\operatorname{tr}(A) =
@@ -159,26 +175,36 @@ def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Comput. 2020), so ``Q`` spans the sketch's columns as computed; ``Y`` is overwritten by ``Q``
     (no second ``n × s`` matrix). Where that fails (a sketch of lower rank than its columns: then
     ``Q`` is checked and found not orthonormal), LAPACK's QR finishes on what the steps left; for
-    other dtypes, LAPACK's QR of ``Y``.
+    other dtypes, LAPACK's QR of ``Y``. On vectors sharded across ranks (``op.sharded``: each rank
+    holds its rows of ``Y``) every dtype takes the Cholesky steps, their Gram matrices summed over
+    the ranks, and a sketch of lower rank than its columns is an error.
     """
-    if Y.dtype != torch.float32 or not 0 < Y.shape[1] <= Y.shape[0]:
+    s = Y.shape[1]
+    if not op.sharded and (Y.dtype != torch.float32 or not 0 < s <= Y.shape[0]):
         return torch.linalg.qr(Y)
-    R = torch.eye(Y.shape[1], dtype=torch.float64)  # the original Y is Y R throughout
+    R = torch.eye(s, dtype=torch.float64)  # the original Y is Y R throughout
     for shift in (1e-6, 0.0, 0.0):
-        C = _cholesky_step(Y, shift)
+        C = _cholesky_step(op, Y, shift)
         if C is None:
             break
         R = C @ R
     else:
-        if float((columns(Y).cpu() - torch.eye(Y.shape[1], dtype=torch.float64)).abs().max()) < 1e-5:
+        tol = 1e-5 if Y.dtype == torch.float32 else 1e-10
+        if float((_columns(op, Y) - torch.eye(s, dtype=torch.float64)).abs().max()) < tol:
             return Y, R.to(dtype=Y.dtype, device=Y.device)
+    if op.sharded:
+        raise HesdValueError(
+            f"trace: Hutch++'s sketch of {s} columns has lower rank than that on sharded vectors, so it cannot "
+            f"be orthonormalised across the ranks; use method='hutchinson' or fewer num_matvecs (the sketch "
+            f"takes num_matvecs // 3 columns)"
+        )
     Q, R_last = torch.linalg.qr(Y)  # Y's span as the steps left it, which is the sketch's
     return Q, (R_last.to(torch.float64).cpu() @ R).to(dtype=Y.dtype, device=Y.device)
 
 
-def _cholesky_step(X: torch.Tensor, shift: float) -> torch.Tensor | None:
+def _cholesky_step(op, X: torch.Tensor, shift: float) -> torch.Tensor | None:
     """``X ← X C⁻¹`` in place, ``C`` upper with ``CᵀC = XᵀX + shift·tr(XᵀX)·I``; returns ``C`` (``None``: no factor)."""
-    gram = columns(X).cpu()
+    gram = _columns(op, X)
     gram += shift * float(gram.diagonal().sum()) * torch.eye(gram.shape[0], dtype=torch.float64)
     lower, failed = torch.linalg.cholesky_ex(gram)
     if failed or not bool(torch.isfinite(lower).all()):
@@ -193,8 +219,7 @@ def _cholesky_step(X: torch.Tensor, shift: float) -> torch.Tensor | None:
 
 def _hutchinson(op, count: int, seed: int, offset: int, chunk: int, total: int, info=None) -> TraceResult:
     """Hutchinson with ``count`` Rademacher probes (stream ``seed`` from ``offset``), ``total`` products in all."""
-    n, dt, dev = op.shape[0], op.dtype, op.device
-    samples = _forms(op, lambda a, w: rademacher(n, w, seed, dt, dev, offset=offset + a), count, chunk)
+    samples = _forms(op, lambda a, w: _probes(op, seed, offset + a, w), count, chunk)
     se = float(samples.std(unbiased=True) / math.sqrt(count)) if count > 1 else math.inf
     return TraceResult(float(samples.mean()), se, total, "hutchinson", samples, info or {})
 
