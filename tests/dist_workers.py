@@ -171,6 +171,7 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         spec_ref = hesd.slq(exact, num_steps=12, num_probes=1, seed=4)
         ends = hesd.eigenvalues(op, k=2, which="BE", tol=1e-9, return_eigenvectors=True)  # vectors sharded
         ends_ref = hesd.eigenvalues(exact, k=2, which="BE", tol=1e-9, return_eigenvectors=True)
+        traces = [hesd.trace(o, "hutchpp", num_matvecs=12, seed=2).estimate for o in (op, exact)]  # Q sharded
         # hesd.analyze_model on the sharded model: the same row as one process on all the data
         settings = hesd.AnalysisSettings(num_steps=12, num_probes=2, seed=3, heldout_criteria=True)
         row, _ = hesd.analyze_model(model, batches[rank::world], loss_fn=CE, heldout=batches[:2], settings=settings)
@@ -184,7 +185,7 @@ def fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         torch.save({"ends": ends.eigenvalues.tolist(), "ends_ref": ends_ref.eigenvalues.tolist(),
                     "vec_err": float(min((ends.eigenvectors[:, 1] - s * op.local_rows(ends_ref.eigenvectors)[:, 1])
                                          .norm() for s in (1, -1))),
-                    "row": row, "row_ref": row_ref, "refused": refused,
+                    "row": row, "row_ref": row_ref, "refused": refused, "traces": traces,
                     "err": float((HV - ref).norm() / ref.norm()), "rows": op.shape[0], "full": op.full_dim,
                     "restored": all(torch.equal(a, b) for a, b in zip(before, op.locals, strict=True)),
                     "values": spec.values[0].tolist(), "ref_values": spec_ref.values[0].tolist(),
