@@ -52,22 +52,20 @@ def run_hesd(a) -> list[dict]:
     op = hesd.HessianOperator(model, None, [batch], **plan.operator_kwargs())
     op @ torch.randn(op.shape[0], device=DEVICE)  # the first-order pass, outside the timings
     rows = []
-    for tol in a.tols:
+
+    def run(setting: str, seed: int, **kwargs) -> None:
         n0, t = op.num_matvecs, time.perf_counter()
-        res = hesd.eigenvalues(op, k=1, tol=tol, warn=False, max_basis=plan.eigen_basis)
-        rows.append({"tool": "hesd", "setting": f"tol {tol:g}", "s": time.perf_counter() - t,
+        res = hesd.eigenvalues(op, k=1, seed=seed, warn=False, **kwargs)
+        rows.append({"tool": "hesd", "setting": setting, "seed": seed, "s": time.perf_counter() - t,
                      "products": op.num_matvecs - n0, "value": float(res.eigenvalues[0]),
                      "bound": float(res.residuals[0]) / abs(float(res.eigenvalues[0]))})  # fmt: skip
         print("ROW " + json.dumps(rows[-1]), flush=True)
+
+    for tol in a.tols:
+        run(f"tol {tol:g}", 0, tol=tol, max_basis=plan.eigen_basis)
     for seed in a.seeds:  # a fixed step count from a random start, as eigenthings runs: no certificate
         for steps in a.hesd_steps:
-            n0, t = op.num_matvecs, time.perf_counter()
-            res = hesd.eigenvalues(op, k=1, max_matvecs=steps, seed=seed, start_hint=False, warn=False,
-                                   max_basis=max(plan.eigen_basis, steps + 1))  # fmt: skip
-            rows.append({"tool": "hesd", "setting": f"{steps} steps", "seed": seed, "s": time.perf_counter() - t,
-                         "products": op.num_matvecs - n0, "value": float(res.eigenvalues[0]),
-                         "bound": float(res.residuals[0]) / abs(float(res.eigenvalues[0]))})  # fmt: skip
-            print("ROW " + json.dumps(rows[-1]), flush=True)
+            run(f"{steps} steps", seed, max_matvecs=steps, start_hint=False, max_basis=max(plan.eigen_basis, steps + 1))
     return rows
 
 
