@@ -65,15 +65,21 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
 def all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
     """The sum of ``t`` over the ranks of ``group`` (``t`` itself without a group).
 
-    ``t`` is made contiguous first: a block product's result is the transpose of a ``(k, P)``
-    tensor, and gloo sums storage in memory order, so a rank holding that layout beside one
-    holding a contiguous ``(P, k)`` (ranks may choose different block widths) once summed
-    unrelated entries without an error (``tests/test_distributed.py`` pins mixed widths).
+    gloo sums storage in memory order, so every rank must lay ``t`` out alike: a rank holding a
+    ``(P, k)`` result as the transpose of a ``(k, P)`` tensor beside one holding it row by row
+    (ranks may choose different block widths) once summed unrelated entries without an error
+    (``tests/test_distributed.py`` pins mixed widths). A matrix is therefore summed as the
+    contiguous ``(k, P)`` of its transpose: the layout products give their results
+    (:meth:`~hesd.operators.layout.ParameterLayout.result`), which then needs no copy.
     """
     if group is None:
         return t
     if t.device.type == "cpu" and not _reduces_on_cpu(group):  # NCCL alone: small CPU sums go through the GPU
         return all_reduce_sum(t.to(torch.device("cuda", torch.cuda.current_device())), group).to(t.device)
+    if t.ndim == 2:
+        rows = t.T.contiguous()
+        dist.all_reduce(rows, group=group)
+        return rows.T
     t = t.contiguous()
     dist.all_reduce(t, group=group)
     return t

@@ -98,6 +98,21 @@ def test_settings_mismatch_is_refused(series, tmp_path):
     assert res.table["status"].tolist() == ["ok"]
 
 
+def test_a_folder_written_with_other_probes_is_not_resumed(series, tmp_path, monkeypatch):
+    """The probe stream is part of a folder's fingerprint: spectra from probes drawn another way
+    (an earlier hesd's) are not mixed with new ones."""
+    import hesd.analysis.series as series_module
+
+    X, y, _, _ = load_digits_tensors()
+    s = hesd.AnalysisSettings(num_steps=10, num_probes=1, refine_extremes=False)
+    ckpts = [series / "epoch_000.pt"]
+    monkeypatch.setattr(series_module, "PROBE_STREAM", "rademacher: one random int8 per entry")
+    hesd.analyze_checkpoints(DigitsMLP, ckpts, (X, y), out_dir=tmp_path, settings=s)
+    monkeypatch.undo()
+    with pytest.raises(SettingsMismatchError, match="probes: 'rademacher: one random int8 per entry' → 'rademacher"):
+        hesd.analyze_checkpoints(DigitsMLP, ckpts, (X, y), out_dir=tmp_path, settings=s)
+
+
 def test_kill_and_resume_equals_uninterrupted(series, tmp_path):
     ref_dir, out_dir = tmp_path / "ref", tmp_path / "resumed"
     assert _run_job(series, ref_dir).wait(timeout=300) == 0

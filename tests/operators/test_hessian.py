@@ -10,6 +10,7 @@ from torch import nn
 import hesd
 from helpers import make_case
 from hesd.errors import NonDeterministicError, NonFiniteLossError
+from hesd.operators import ParameterLayout
 
 CE = nn.functional.cross_entropy
 METHODS = ["auto", "graph", "double_backward", "func"]
@@ -102,6 +103,27 @@ def test_unused_parameter_has_zero_hessian_rows():
     assert H.shape[0] == sum(p.numel() for p in model.parameters())
     assert H[n_used:].abs().max() == 0 and H[:, n_used:].abs().max() == 0
     assert H[:n_used, :n_used].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["graph", "double_backward", "func", "finite_difference"])
+@pytest.mark.parametrize("batch_columns", [1, 2])
+def test_products_write_every_entry_of_their_uninitialised_result(monkeypatch, method, batch_columns):
+    """Products go into an uninitialised result (``ParameterLayout.result``): the first batch writes
+    it, the others add to it. Poisoned with NaN here, every entry must still come out right —
+    the rows of a parameter the loss does not reach included — over three batches of unequal
+    weight, and every column must be one contiguous vector."""
+    model, batches, (X, y) = make_case("unused", seed=3)
+    assert len(batches) == 3
+    H = fd_hessian(model, X, y)  # not through hesd's products, which write the same way
+    real = ParameterLayout.result
+    monkeypatch.setattr(ParameterLayout, "result", lambda self, k: real(self, k).fill_(float("nan")))
+    op = hesd.HessianOperator(model, CE, batches, hvp_method=method, batch_columns=batch_columns)
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for X in (V, V[:, 1]):
+        HX = op @ X
+        assert bool(torch.isfinite(HX).all())
+        assert float((HX - H @ X).abs().max()) < 1e-7 * max(1.0, float(H.abs().max()))  # the reference's error
+    assert HX.is_contiguous() and (op @ V).T.is_contiguous()  # columns as contiguous vectors
 
 
 class _Quadratic(nn.Module):

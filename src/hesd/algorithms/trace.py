@@ -14,11 +14,13 @@ r"""Stochastic trace estimation: Hutchinson, Hutch++ and a choice between them.
   (a network at initialisation) deflation removes little and Hutch++ loses to Hutchinson;
   ``"auto"`` then spends the rest on plain Hutchinson probes.
 
-The standard error is the sample standard deviation of the stochastic part divided by
-the square root of its probe count. Probes are drawn and pushed through the operator in chunks of
+The standard error is the sample standard deviation of the stochastic part divided by the
+square root of its probe count. Probes are drawn and pushed through the operator in chunks of
 ``chunk`` columns, and only a chunk of probes and products is held at a time: beside the operator,
 Hutchinson holds two ``(n, chunk)`` matrices and Hutch++ its ``(n, m/3)`` sketch too (which
-becomes ``Q`` in place). Every quadratic form and projection is accumulated in float64
+becomes ``Q`` in place). Probes, products and the sketch are stored column by column, each
+column one contiguous vector, as operators take and give them (no transposing copies). Every
+quadratic form and projection is accumulated in float64
 (:func:`hesd.algorithms.inner.columns`).
 """
 
@@ -136,7 +138,7 @@ def trace(
         raise HesdValueError(f"{caller}: {method} needs num_matvecs >= 3, got {num_matvecs}")
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
-    Y = torch.empty(op.shape[0], s, dtype=dt, device=dev)  # the sketch A S (this rank's rows), a chunk at a time
+    Y = torch.empty(s, op.shape[0], dtype=dt, device=dev).T  # the sketch A S (this rank's rows), column by column
     forms = torch.empty(s, dtype=torch.float64)  # the sketch's own quadratic forms sᵢᵀ yᵢ (for "auto")
     for a in range(0, s, chunk):
         S = _probes(op, seed, a, min(chunk, s - a))
@@ -152,7 +154,7 @@ def trace(
         if info.get("hutchinson_variance", math.inf) < info["hutchpp_variance"]:
             del Q
             return _hutchinson(op, num_matvecs - s, seed, s, chunk, num_matvecs, info)
-    t_low = float(_forms(op, lambda a, w: Q[:, a : a + w].contiguous(), Q.shape[1], chunk).sum())
+    t_low = float(_forms(op, lambda a, w: Q[:, a : a + w], Q.shape[1], chunk).sum())
     samples = _forms(op, lambda a, w: _probes(op, seed, s + a, w), g, chunk, Q)
     est = t_low + float(samples.mean())
     se = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else math.inf

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..algorithms.probes import STREAM as PROBE_STREAM
 from ..algorithms.spectrum import Spectrum
 from ..checks import check_device
 from ..collectives import broadcast, consensus, rank_and_world, resolve_group
@@ -163,7 +164,7 @@ def analyze_checkpoints(
     store, error = None, None
     if out_dir is not None and rank == 0:
         try:
-            fingerprint = {"analysis": s.to_dict(), "hesd": __version__,
+            fingerprint = {"analysis": s.to_dict(), "hesd": __version__, "probes": PROBE_STREAM,
                            "inputs": inputs_fingerprint(data, heldout, loss_fn, model)}  # fmt: skip
             store = ResultStore(out_dir, fingerprint, overwrite=overwrite)
         except Exception as exc:

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from ..algorithms.probes import STREAM as PROBE_STREAM
 from ..analysis.checkpoints import sha256_file, tied_groups
 from ..analysis.model import analyze_model
 from ..analysis.recorder import SeriesRecorder
@@ -87,7 +88,7 @@ class Monitor:
         self.unit = unit
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.save_checkpoints = save_checkpoints and self.out_dir is not None
-        fingerprint = {"analysis": self.settings.to_dict(), "source": "monitor", "unit": unit}
+        fingerprint = {"analysis": self.settings.to_dict(), "source": "monitor", "unit": unit, "probes": PROBE_STREAM}
         store = ResultStore(self.out_dir, fingerprint, overwrite=overwrite) if self.out_dir is not None else None
         self.recorder = SeriesRecorder(self.settings, store, order="epoch", rows=store.rows() if store else ())
         self._writer = self._make_writer(tensorboard)

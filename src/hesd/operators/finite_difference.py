@@ -177,6 +177,8 @@ def finite_difference_product(
     caller restores them (:func:`finite_difference_pass`).
     """
     layout = objective.layout
+    fresh = out is None  # the first batch writes each column, the others add to it
+    out = layout.result(V.shape[1]) if out is None else out
     for j in range(V.shape[1]):
         v = V[:, j]
         v_norm = float(torch.linalg.vector_norm(v))
@@ -192,9 +194,10 @@ def finite_difference_product(
                         torch.add(p0, d.to(p0.dtype), alpha=sign * eps, out=p.data)
                 grads.append(_gradient(objective, batch, index))
             r = (grads[0] - grads[1]) * (w / (2.0 * eps))
-        if out is None:
-            out = torch.zeros(V.shape, dtype=r.dtype, device=V.device)
-        out[:, j] += r
+        if fresh:
+            out[:, j] = r
+        else:
+            out[:, j] += r
     return out
 
 

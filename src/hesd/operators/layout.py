@@ -180,15 +180,23 @@ class ParameterLayout:
         """A ``(P,)`` vector as per-parameter views, shaped like the parameters."""
         return [c.view(s) for c, s in zip(torch.split(v, self.numels), self.shapes, strict=True)]
 
-    def flatten_columns(self, tensors: Iterable[torch.Tensor | None], k: int) -> torch.Tensor:
-        """Per-parameter ``(k, *shape)`` tensors (``None``: zeros) as ``(P, k)`` columns."""
-        return torch.cat(
-            [
-                (t if t is not None else torch.zeros(k, n, dtype=self.dtype, device=self.device)).reshape(k, -1)
-                for t, n in zip(tensors, self.numels, strict=True)
-            ],
-            dim=1,
-        ).T
+    def result(self, k: int) -> torch.Tensor:
+        """An uninitialised ``(P, k)`` result of products, stored column by column.
+
+        The transpose of a ``(k, P)`` tensor, so that each column is one contiguous vector:
+        product methods write their per-parameter results straight into it
+        (:meth:`column_views`), with no flat copy of each column and no zero fill, and a Lanczos
+        recurrence takes its columns as rows without a copy. Half-precision layouts get a
+        float32 result (products are accumulated in float32).
+        """
+        dtype = torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
+        return torch.empty(k, self.dim, dtype=dtype, device=self.device).T
+
+    def column_views(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Columns of ``out`` (``(P, k)``, a column slice of :meth:`result`) as per-parameter ``(k, *shape)`` views."""
+        rows = out.T  # (k, P), each row contiguous
+        k = rows.shape[0]
+        return [c.view(k, *s) for c, s in zip(torch.split(rows, self.numels, dim=1), self.shapes, strict=True)]
 
     def unflatten_columns(self, V: torch.Tensor) -> list[torch.Tensor]:
         """``(P, k)`` columns as per-parameter tensors of shape ``(k, *param.shape)``."""

@@ -33,21 +33,20 @@ from .loss import LossBatch
 
 __all__ = [
     "PASSES",
-    "accumulate",
-    "accumulate_parameters",
     "column_blocks",
     "double_backward_product",
     "forward_over_reverse_product",
     "func_pass",
     "graph_pass",
     "kept_graph_product",
+    "write",
 ]
 
 
 def column_blocks(V: torch.Tensor, width: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """Column slices of at most ``width`` columns, and ``V[:, cols]`` (a view).
 
-    The batch's weight is applied to the results (:func:`accumulate`), so no scaled copy of
+    The batch's weight is applied to the results (:func:`write`), so no scaled copy of
     ``V`` is held.
     """
     for start in range(0, V.shape[1], width):
@@ -55,41 +54,33 @@ def column_blocks(V: torch.Tensor, width: int) -> Iterator[tuple[slice, torch.Te
         yield cols, V[:, cols]
 
 
-def accumulate(out: torch.Tensor | None, V: torch.Tensor, cols: slice, r: torch.Tensor, w: float) -> torch.Tensor:
-    """Add ``w · r``, the block result, to columns ``cols`` of ``out``.
+def write(
+    out: torch.Tensor, cols: slice, layout: ParameterLayout, hv: Sequence[torch.Tensor | None], w: float, fresh: bool,
+) -> None:  # fmt: skip
+    """Add ``w · hv``, a block's per-parameter results, to columns ``cols`` of ``out`` (``fresh``: write it).
 
-    The first result that spans every column becomes ``out`` itself, scaled in place (no
-    zero-filled buffer, no extra addition; ``r`` is always a new tensor, the concatenation of
-    the per-parameter results). A half-precision result is accumulated in float32. Weighting the
-    result instead of the vector saves a vector-sized copy per batch: 0.5 GB at 124 M
-    parameters, where products run in micro-batches.
+    ``out`` comes from :meth:`~hesd.operators.layout.ParameterLayout.result`; ``fresh`` means
+    that these columns hold nothing yet (the first batch), so they are written instead of added
+    to and no zero fill is needed (``None``, a parameter the loss does not reach: zeros). Each
+    ``hv[i]`` is shaped like its parameter, with a leading dimension of ``len(cols)`` when the
+    block has several columns. Every parameter is written where it lies in each column: no flat
+    copy of a column (0.5 GB at 124 M parameters), and with a half-precision model the results
+    are accumulated in ``out``'s float32.
     """
-    if r.dtype in (torch.bfloat16, torch.float16):
-        r = r.float()
-    if out is None:
-        if r.shape[1] == V.shape[1]:
-            return r if w == 1.0 else r.mul_(w)
-        out = torch.zeros(V.shape, dtype=r.dtype, device=V.device)
-    out[:, cols].add_(r, alpha=w)
-    return out
-
-
-def accumulate_parameters(
-    out: torch.Tensor | None, V: torch.Tensor, cols: slice, layout: ParameterLayout, hv: Sequence[torch.Tensor | None],
-    w: float,
-) -> torch.Tensor:  # fmt: skip
-    """:func:`accumulate` for one column given as per-parameter tensors ``hv``.
-
-    Into a one-column ``out`` each tensor is added where its parameter lies, with no flat copy
-    of the column (0.5 GB at 124 M parameters, on every micro-batch after the first); else it is
-    flattened first.
-    """
-    if out is None or out.shape[1] != 1:
-        return accumulate(out, V, cols, layout.flatten(hv)[:, None], w)
-    for view, t in zip(layout.unflatten(out[:, 0]), hv, strict=True):
-        if t is not None:
+    for view, t in zip(layout.column_views(out[:, cols]), hv, strict=True):
+        if t is None:
+            if fresh:
+                view.zero_()
+            continue
+        t = t.reshape(view.shape)  # a one-column result has no leading dimension: a view
+        if not fresh:
             view.add_(t, alpha=w)
-    return out
+        elif w == 1.0:
+            view.copy_(t)
+        elif t.dtype == view.dtype:
+            torch.mul(t, w, out=view)
+        else:  # half precision: multiplied in float32, as it is added
+            view.copy_(t).mul_(w)
 
 
 def kept_graph_product(
@@ -99,15 +90,16 @@ def kept_graph_product(
     """``out + w · H_b V`` through one batch's kept first-order graph ``flat`` (``None``: :math:`H_b = 0`)."""
     if flat is None:
         return out
+    fresh = out is None
+    out = layout.result(V.shape[1]) if out is None else out
     for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = torch.autograd.grad(flat, layout.params, grad_outputs=block[:, 0], retain_graph=True,
-                                     allow_unused=True, materialize_grads=True)  # fmt: skip
-            out = accumulate_parameters(out, V, cols, layout, hv, w)
-            continue
-        hv = torch.autograd.grad(flat, layout.params, grad_outputs=block.T, retain_graph=True, allow_unused=True,
-                                 is_grads_batched=True)  # fmt: skip
-        out = accumulate(out, V, cols, layout.flatten_columns(hv, block.shape[1]), w)
+                                     allow_unused=True)  # fmt: skip
+        else:
+            hv = torch.autograd.grad(flat, layout.params, grad_outputs=block.T, retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)  # fmt: skip
+        write(out, cols, layout, hv, w, fresh)
     return out
 
 
@@ -133,13 +125,14 @@ def forward_over_reverse_product(
     def hvp(tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
 
+    fresh = out is None
+    out = layout.result(V.shape[1]) if out is None else out
     for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = hvp(layout.as_dict(layout.unflatten(block[:, 0])))
-            out = accumulate_parameters(out, V, cols, layout, [hv[n] for n in layout.names], w)
-            continue
-        hv = torch.func.vmap(hvp)(layout.as_dict(layout.unflatten_columns(block)))
-        out = accumulate(out, V, cols, layout.flatten_columns([hv[n] for n in layout.names], block.shape[1]), w)
+        else:
+            hv = torch.func.vmap(hvp)(layout.as_dict(layout.unflatten_columns(block)))
+        write(out, cols, layout, [hv[n] for n in layout.names], w, fresh)
     return out
 
 
