@@ -178,7 +178,6 @@ def finite_difference_product(
     """
     layout = objective.layout
     fresh = out is None  # the first batch writes each column, the others add to it
-    out = layout.result(V.shape[1]) if out is None else out
     for j in range(V.shape[1]):
         v = V[:, j]
         v_norm = float(torch.linalg.vector_norm(v))
@@ -194,6 +193,7 @@ def finite_difference_product(
                         torch.add(p0, d.to(p0.dtype), alpha=sign * eps, out=p.data)
                 grads.append(_gradient(objective, batch, index))
             r = (grads[0] - grads[1]) * (w / (2.0 * eps))
+        out = layout.result(V.shape[1]) if out is None else out  # after the first column's gradients: not beside them
         if fresh:
             out[:, j] = r
         else:

@@ -55,18 +55,23 @@ def column_blocks(V: torch.Tensor, width: int) -> Iterator[tuple[slice, torch.Te
 
 
 def write(
-    out: torch.Tensor, cols: slice, layout: ParameterLayout, hv: Sequence[torch.Tensor | None], w: float, fresh: bool,
-) -> None:  # fmt: skip
+    out: torch.Tensor | None, V: torch.Tensor, cols: slice, layout: ParameterLayout,
+    hv: Sequence[torch.Tensor | None], w: float, fresh: bool,
+) -> torch.Tensor:  # fmt: skip
     """Add ``w · hv``, a block's per-parameter results, to columns ``cols`` of ``out`` (``fresh``: write it).
 
-    ``out`` comes from :meth:`~hesd.operators.layout.ParameterLayout.result`; ``fresh`` means
-    that these columns hold nothing yet (the first batch), so they are written instead of added
-    to and no zero fill is needed (``None``, a parameter the loss does not reach: zeros). Each
+    ``out`` is :meth:`~hesd.operators.layout.ParameterLayout.result` for ``V``'s columns, made
+    here on the first block (``None``): after that block's backward pass, so that it is not
+    allocated beside the pass's own peak (one vector more at the peak when made before it,
+    which the memory planner measured). ``fresh`` means that these columns hold nothing yet
+    (the first batch), so they are written instead of added to and no zero fill is needed
+    (``None``, a parameter the loss does not reach: zeros). Each
     ``hv[i]`` is shaped like its parameter, with a leading dimension of ``len(cols)`` when the
     block has several columns. Every parameter is written where it lies in each column: no flat
     copy of a column (0.5 GB at 124 M parameters), and with a half-precision model the results
-    are accumulated in ``out``'s float32.
+    are accumulated in ``out``'s float32. Returns ``out``.
     """
+    out = layout.result(V.shape[1]) if out is None else out
     for view, t in zip(layout.column_views(out[:, cols]), hv, strict=True):
         if t is None:
             if fresh:
@@ -81,6 +86,7 @@ def write(
             torch.mul(t, w, out=view)
         else:  # half precision: multiplied in float32, as it is added
             view.copy_(t).mul_(w)
+    return out
 
 
 def kept_graph_product(
@@ -91,7 +97,6 @@ def kept_graph_product(
     if flat is None:
         return out
     fresh = out is None
-    out = layout.result(V.shape[1]) if out is None else out
     for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = torch.autograd.grad(flat, layout.params, grad_outputs=block[:, 0], retain_graph=True,
@@ -99,7 +104,7 @@ def kept_graph_product(
         else:
             hv = torch.autograd.grad(flat, layout.params, grad_outputs=block.T, retain_graph=True,
                                      allow_unused=True, is_grads_batched=True)  # fmt: skip
-        write(out, cols, layout, hv, w, fresh)
+        out = write(out, V, cols, layout, hv, w, fresh)
     return out
 
 
@@ -126,13 +131,12 @@ def forward_over_reverse_product(
         return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
 
     fresh = out is None
-    out = layout.result(V.shape[1]) if out is None else out
     for cols, block in column_blocks(V, width):
         if block.shape[1] == 1:
             hv = hvp(layout.as_dict(layout.unflatten(block[:, 0])))
         else:
             hv = torch.func.vmap(hvp)(layout.as_dict(layout.unflatten_columns(block)))
-        write(out, cols, layout, [hv[n] for n in layout.names], w, fresh)
+        out = write(out, V, cols, layout, [hv[n] for n in layout.names], w, fresh)
     return out
 
 
