@@ -65,11 +65,11 @@ def write(
     allocated beside the pass's own peak (one vector more at the peak when made before it,
     which the memory planner measured). ``fresh`` means that these columns hold nothing yet
     (the first batch), so they are written instead of added to and no zero fill is needed
-    (``None``, a parameter the loss does not reach: zeros). Each
-    ``hv[i]`` is shaped like its parameter, with a leading dimension of ``len(cols)`` when the
-    block has several columns. Every parameter is written where it lies in each column: no flat
-    copy of a column (0.5 GB at 124 M parameters), and with a half-precision model the results
-    are accumulated in ``out``'s float32. Returns ``out``.
+    (``None``, a parameter the loss does not reach: zeros). Each ``hv[i]`` is shaped like its
+    parameter, with a leading dimension of ``len(cols)`` when the block has several columns.
+    Every parameter is written where it lies in each column: no flat copy of a column (0.5 GB
+    at 124 M parameters), and with a half-precision model the results are accumulated in
+    ``out``'s float32. Returns ``out``.
     """
     out = layout.result(V.shape[1]) if out is None else out
     for view, t in zip(layout.column_views(out[:, cols]), hv, strict=True):
