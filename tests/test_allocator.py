@@ -205,6 +205,33 @@ def test_a_large_basis_releases_the_heap_is_mapped_on_its_own_and_leaves_with_it
     assert released > 200, out  # the written 256 MiB left the process with the tensor
 
 
+def _vm_flags(t: torch.Tensor) -> list[str]:
+    """The kernel's flags of the mapping that starts at ``t``'s first byte (``/proc/self/smaps``)."""
+    start, flags, inside = f"{t.data_ptr():x}", None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                inside = head.split("-")[0].lstrip("0") == start.lstrip("0")
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    assert flags is not None, "the basis is not a mapping of its own"
+    return flags
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages")
+@pytest.mark.parametrize(("huge_pages", "advised"), [(None, False), (False, False), (True, True)])
+def test_huge_pages_are_asked_for_only_when_wanted(monkeypatch, huge_pages, advised):
+    """``MADV_HUGEPAGE`` (the mapping's ``hg`` flag) only with ``huge_pages=True`` or ``HUGE_PAGES`` set."""
+    monkeypatch.setattr(_allocator, "release_free_memory", lambda: False)  # the heap is not this test's
+    Q = _allocator.basis_buffer((2, _allocator.RELEASE_BEFORE_BYTES // 8), torch.float32, "cpu", huge_pages=huge_pages)
+    assert ("hg" in _vm_flags(Q)) is advised
+    del Q
+    monkeypatch.setattr(_allocator, "HUGE_PAGES", True)  # the module's default, as HESD_HUGE_PAGES=1 sets it
+    Q = _allocator.basis_buffer((2, _allocator.RELEASE_BEFORE_BYTES // 8), torch.float32, "cpu", huge_pages=huge_pages)
+    assert ("hg" in _vm_flags(Q)) is (huge_pages is not False)
+
+
 def test_a_mapping_the_kernel_refuses_falls_back_to_pytorchs_allocator(monkeypatch):
     import mmap
 

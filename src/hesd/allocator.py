@@ -24,11 +24,13 @@ import ctypes
 import ctypes.util
 import math
 import mmap
+import os
 import sys
 
 import torch
 
 __all__ = [
+    "HUGE_PAGES",
     "RELEASE_BEFORE_BYTES",
     "basis_buffer",
     "environment",
@@ -55,6 +57,9 @@ MMAP_MAX_DEFAULT = 65536  # glibc's own (DEFAULT_MMAP_MAX)
 #: host allocations at least this large are preceded by :func:`release_free_memory` (:func:`release_before`),
 #: or mapped on their own (:func:`basis_buffer`)
 RELEASE_BEFORE_BYTES = 256 * 2**20
+
+#: whether :func:`basis_buffer` asks for transparent huge pages by default (``HESD_HUGE_PAGES=1`` in the environment)
+HUGE_PAGES = os.environ.get("HESD_HUGE_PAGES", "0") == "1"
 
 
 def tune_cpu_allocator(reuse_large: bool = True) -> bool:
@@ -224,7 +229,9 @@ def release_when_low(reserve: int | None) -> bool:
     return release_free_memory()
 
 
-def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def basis_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, *, huge_pages: bool | None = None
+) -> torch.Tensor:
     """An uninitialised tensor for a Krylov basis: on the host, if large, in memory mapped for it alone.
 
     A basis lives through a whole algorithm while the products beside it allocate and free their
@@ -233,10 +240,16 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     by the whole basis on top of that phase's peak. Here the freed heap memory is handed back
     first (:func:`release_free_memory`: the holes of earlier phases do not stay resident beside
     the basis; the next products fault in again what they reuse), and the basis is mapped on its
-    own (anonymous ``mmap``): it cannot split the heap's holes, its memory leaves the process
-    with the tensor, and it asks for transparent huge pages (``MADV_HUGEPAGE``; GPT-2 small's
-    7-vector basis: 1 787 page faults on first touch instead of 846 000). GPT-2 small's top
-    eigenvalue after the other measurements: BENCHMARKS.md §9.
+    own (anonymous ``mmap``): it cannot split the heap's holes, and its memory leaves the process
+    with the tensor. GPT-2 small's top eigenvalue after the other measurements: BENCHMARKS.md §9.
+
+    Transparent huge pages (``MADV_HUGEPAGE``) are asked for only with ``huge_pages`` (default
+    :data:`HUGE_PAGES`: off, ``HESD_HUGE_PAGES=1`` turns it on). They make a first touch fault
+    once per 2 MiB instead of once per 4 KiB, but each fault must find a free 2 MiB block, and
+    where the kernel has none at hand it compacts memory (or a VM's host backs the block) on the
+    spot, which cost GPT-2 small's top eigenvalue more time than the faults saved (BENCHMARKS.md
+    §9). The vectors are streamed, not gathered, so their passes gained nothing from the larger
+    pages there.
 
     Blocks under :data:`RELEASE_BEFORE_BYTES`, any device but the CPU, and systems without
     anonymous ``mmap`` get :func:`torch.empty` (and nothing is released), as does a mapping the
@@ -246,6 +259,7 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         shape: the tensor's shape.
         dtype: its dtype.
         device: its device.
+        huge_pages: ask for transparent huge pages (``None``: :data:`HUGE_PAGES`).
 
     Returns:
         a contiguous tensor whose entries are not initialised (pages are zero until written).
@@ -264,7 +278,7 @@ def basis_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:  # refused by the kernel: PyTorch's allocator tries, and says so in its own words if it fails
         return torch.empty(shape, dtype=dtype, device=device)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if (HUGE_PAGES if huge_pages is None else huge_pages) and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # pragma: no cover - a kernel without transparent huge pages
