@@ -261,10 +261,10 @@ def run_hesd(size: str, a) -> dict:
         fd @ v
     del fd, v
     n0, p0, t0 = op.num_matvecs, op.product_s, len(op.product_times)
-    basis = plan.eigen_basis  # the restarted Lanczos basis within the plan's basis memory
-    r["eigen basis"] = basis
+    kw = plan.extremes_kwargs()  # a window where the SLQ's is one, else a restart basis within its memory
+    r["eigen basis"] = "window of 3" if kw.get("reorth") == "window" else f"restart basis {kw['max_basis']}"
     with phase("top-1", r, "top-1 s"):
-        top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, max_basis=basis)
+        top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, **kw)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
     r["top-1 products s"], r["top-1 product times"] = op.product_s - p0, op.product_times[t0:]
     if a.reference is not None:  # given: not recomputed
@@ -449,7 +449,7 @@ def main() -> None:
                       f"{r.get('SLQ s', math.nan) / (r.get('SLQ HVPs', math.nan) * one):.3f} "
                       f"({r.get('SLQ HVPs', '?')} products), top-1 "
                       f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one):.3f} "
-                      f"({r.get('top-1 HVPs', '?')} products; restart basis {r.get('eigen basis', '?')})",
+                      f"({r.get('top-1 HVPs', '?')} products; {r.get('eigen basis', '?')})",
                       flush=True)  # fmt: skip
                 spread = ", ".join(
                     f"{name} {statistics.median(ts):.2f} (first {ts[0]:.2f}, min {min(ts):.2f}, max {max(ts):.2f})"

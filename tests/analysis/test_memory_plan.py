@@ -153,6 +153,27 @@ def test_the_top_eigenvalue_phase_stays_within_the_plan():
     assert peak <= 1.25 * plan.total, (plan.describe(), peak)
 
 
+def test_the_extreme_values_follow_the_slq_basis_a_window_where_it_is_one():
+    """``extremes_kwargs``: under a plan whose SLQ basis is a window, λmin and λmax by windowed Lanczos (three
+    vectors, within the plan, the values of the restarted method); where the full basis fits, the restart basis."""
+    model, data = _gpt2()
+    plan = plan_memory(model, None, data, num_steps=40, max_memory=4 * 2**20)
+    assert plan.basis["reorth"] == "window" and plan.extremes_kwargs() == {"reorth": "window"}
+
+    def run(**kw):
+        op = hesd.HessianOperator(model, None, data, **plan.operator_kwargs())
+        return hesd.eigenvalues(op, k=2, which="BE", tol=1e-6, max_matvecs=200, warn=False, **kw)
+
+    window, peak = allocation_peak(lambda: run(**plan.extremes_kwargs()), CPU)
+    assert window.converged and window.info == {"restarts": 0, "basis_size": 3}
+    assert peak <= 1.25 * plan.total, (plan.describe(), peak)
+    full = run(max_basis=plan.eigen_basis)
+    scale = float(full.eigenvalues.abs().max())
+    assert torch.allclose(window.eigenvalues, full.eigenvalues, rtol=0, atol=1e-5 * scale)
+    roomy = plan_memory(model, None, data, num_steps=40, max_memory=2**30)
+    assert roomy.basis["reorth"] == "full" and roomy.extremes_kwargs() == {"max_basis": roomy.eigen_basis}
+
+
 def test_the_landscape_eigen_solver_is_planned_too():
     """``loss_landscape(max_memory=...)``: the eigen solver's products and restart basis come from a plan, so it
     stays within the budget; the directions' eigenvalues are those of the unplanned solver."""

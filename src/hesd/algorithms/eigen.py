@@ -18,6 +18,7 @@ from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from .extremes import WINDOW, order, wanted, windowed_extremes
 from .inner import inner
 from .lanczos import row_norms, writable
 from .probes import gaussian
@@ -39,33 +40,6 @@ _RESTART_COLUMNS = 1 << 18
 # restart basis of 6 at 124 M parameters the first pass reads 2 vectors instead of up to 6.
 
 
-def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
-    """Indices of Ritz values, most wanted first."""
-    if which == "LA":
-        return torch.argsort(theta, descending=True)
-    if which == "SA":
-        return torch.argsort(theta)
-    if which == "LM":
-        return torch.argsort(theta.abs(), descending=True)
-    asc = torch.argsort(theta).tolist()  # BE: alternate high and low ends
-    out, lo, hi = [], 0, len(asc) - 1
-    while lo <= hi:
-        out.append(asc[hi])
-        hi -= 1
-        if lo <= hi:
-            out.append(asc[lo])
-            lo += 1
-    return torch.tensor(out, dtype=torch.long)
-
-
-def _wanted(theta: torch.Tensor, which: str, k: int) -> torch.Tensor:
-    if which == "BE":
-        asc = torch.argsort(theta)
-        low = k // 2
-        return torch.cat([asc[:low], asc[len(asc) - (k - low) :]])
-    return _order(theta, which)[:k]
-
-
 def eigenvalues(
     A: Any,
     k: int = 1,
@@ -79,6 +53,7 @@ def eigenvalues(
     v0: torch.Tensor | None = None,
     start_hint: bool = True,
     warn: bool = True,
+    reorth: str = "full",
 ) -> EigenResult:
     r"""Extreme eigenvalues (and eigenvectors) of a symmetric operator by restarted Lanczos.
 
@@ -135,6 +110,12 @@ def eigenvalues(
             GPT-2 of 40 M parameters 40 products against 26–39 from random starts (BENCHMARKS.md
             §9). ``False``: a random start only. ``"SA"`` always starts at random.
         warn: warn when not converged.
+        reorth: ``"full"`` — the restarted method above; ``"window"`` — Lanczos over a window of
+            3 vectors, without restarts (:mod:`hesd.algorithms.extremes`): for the extreme value
+            at each end only (``k=1``, or ``k=2`` with ``which="BE"``) and without eigenvectors,
+            in 3 vectors of memory instead of ``max_basis + 1``, each step reading 3 of them
+            instead of up to ``max_basis``, in about as many products. The stopping test and
+            the residual bound are the same.
 
     Returns:
         :class:`hesd.algorithms.EigenResult`.
@@ -155,6 +136,16 @@ def eigenvalues(
         raise HesdValueError(f"{caller}: which must be one of {_WHICH}, got {which!r}")
     if not tol > 0:
         raise HesdValueError(f"{caller}: tol must be positive, got {tol}")
+    if reorth not in ("full", "window"):
+        raise HesdValueError(f"{caller}: reorth must be 'full' or 'window', got {reorth!r}")
+    if reorth == "window":
+        if return_eigenvectors or max_basis is not None or not (k == 1 or (k == 2 and which == "BE")):
+            raise HesdValueError(
+                f"{caller}: reorth='window' finds the extreme eigenvalue at each end (k=1, or k=2 with which='BE'), "
+                f"without eigenvectors and without a basis (got k={k}, which={which!r}, return_eigenvectors="
+                f"{return_eigenvectors}, max_basis={max_basis}): converged values come back as copies that would count "
+                "as further eigenvalues, and no basis is kept; use reorth='full'"
+            )
     m_max = min(n, max_basis if max_basis is not None else max(2 * k + 20, 40))
     if m_max < min(n, k + 1):
         raise HesdValueError(f"{caller}: max_basis={max_basis} must exceed k={k}")
@@ -172,23 +163,31 @@ def eigenvalues(
         g = op.local_rows(gaussian(n, s, dtype, device).unsqueeze(1)).squeeze(1)
         return g if out is None else out.copy_(g)
 
+    def _start(q: torch.Tensor) -> torch.Tensor:  # the normalised start vector, written into q
+        if v0 is not None:
+            v = v0.to(device=device, dtype=dtype).reshape(-1)
+            q.copy_(op.local_rows(v.unsqueeze(1)).squeeze(1) if op.sharded and v.numel() == n != rows else v)
+        else:
+            draw(seed, out=q)
+            hint = op.start_direction() if start_hint and which != "SA" else None
+            if hint is not None:
+                hint = hint.to(device=device, dtype=dtype).reshape(-1)
+                q.div_(norm(q))
+                h = norm(hint)
+                for c in range(0, rows, _RESTART_COLUMNS):  # q += hint / ‖hint‖, a block at a time
+                    q[c : c + _RESTART_COLUMNS] += hint[c : c + _RESTART_COLUMNS] / h
+            del hint  # a gradient-sized vector: not held through the products
+        return q.div_(norm(q))
+
+    if reorth == "window":
+        start = _start(torch.empty(rows, dtype=dtype, device=device))
+        vals, res, done, used, ritz = windowed_extremes(op, start, k, which, tol, max_matvecs)
+        del start
+        info = {"restarts": 0, "basis_size": WINDOW}
+        return _result(vals.to(dtype), None, res, done, used, which, info, tol, warn, ritz)
     Q = basis_buffer((m_max + 1, rows), dtype, device)  # hesd.allocator; rows are read only once written
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
-    q = Q[0]  # the start is built in place: no vector-sized temporaries beside the basis
-    if v0 is not None:
-        v = v0.to(device=device, dtype=dtype).reshape(-1)
-        q.copy_(op.local_rows(v.unsqueeze(1)).squeeze(1) if op.sharded and v.numel() == n != rows else v)
-    else:
-        draw(seed, out=q)
-        hint = op.start_direction() if start_hint and which != "SA" else None
-        if hint is not None:
-            hint = hint.to(device=device, dtype=dtype).reshape(-1)
-            q.div_(norm(q))
-            h = norm(hint)
-            for c in range(0, rows, _RESTART_COLUMNS):  # q += hint / ‖hint‖, a block at a time
-                q[c : c + _RESTART_COLUMNS] += hint[c : c + _RESTART_COLUMNS] / h
-        del hint  # a gradient-sized vector: not held through the products
-    q.div_(norm(q))
+    _start(Q[0])  # built in place: no vector-sized temporaries beside the basis
     j = 0  # number of basis vectors with a filled column of T
     coupled = 0  # the column whose product couples to every earlier basis vector (after a thick restart)
     matvecs = 0
@@ -217,7 +216,7 @@ def eigenvalues(
         resid = beta * S[j - 1].abs()
         if j >= n:
             resid = torch.zeros_like(resid)
-        idx = _wanted(theta, which, min(k, j))
+        idx = wanted(theta, which, min(k, j))
         done = len(idx) == k and bool((resid[idx] <= tol * max(anorm, 1e-300)).all())
         if done:
             converged = True
@@ -251,44 +250,51 @@ def eigenvalues(
         # Thick restart: keep the most wanted Ritz vectors plus the residual direction.
         restarts += 1
         keep = min(j - 1, max(k + (m_max - k) // 2, k + 1))
-        order = _order(theta, which)[:keep]
-        Yt = S[:, order].T.to(dtype=dtype, device=device)
+        kept = order(theta, which)[:keep]
+        Yt = S[:, kept].T.to(dtype=dtype, device=device)
         for c in range(0, rows, _RESTART_COLUMNS):  # in place, a block of columns at a time: no second basis
             Q[:keep, c : c + _RESTART_COLUMNS] = Yt @ Q[:j, c : c + _RESTART_COLUMNS]
-        coupling = beta * S[j - 1, order]
+        coupling = beta * S[j - 1, kept]
         T.zero_()
-        T[:keep, :keep] = torch.diag(theta[order])
+        T[:keep, :keep] = torch.diag(theta[kept])
         T[:keep, keep] = coupling
         T[keep, :keep] = coupling
         Q[keep] = q_next
         del q_next
         # Column `keep` of T is recomputed (with the coupling) by the next expansion.
         j = coupled = keep
-    idx = _wanted(theta, which, min(k, len(theta)))
+    idx = wanted(theta, which, min(k, len(theta)))
     vals = theta[idx]
     resid_all = (beta * S[j - 1].abs()) if j < n else torch.zeros(len(theta), dtype=torch.float64)
-    order = torch.argsort(vals, descending=which in ("LA", "LM"))
+    perm = torch.argsort(vals, descending=which in ("LA", "LM"))
     if which == "LM":
-        order = torch.argsort(vals.abs(), descending=True)
-    vals, idx = vals[order], idx[order]
-    res = resid_all[idx]
-    vecs = None
-    if return_eigenvectors:
-        vecs = Q[:j].T @ S[:, idx].to(dtype=dtype, device=device)
+        perm = torch.argsort(vals.abs(), descending=True)
+    vals, idx = vals[perm], idx[perm]
+    vecs = Q[:j].T @ S[:, idx].to(dtype=dtype, device=device) if return_eigenvectors else None
+    info = {"restarts": restarts, "basis_size": m_max}
+    return _result(vals.to(dtype), vecs, resid_all[idx], converged, matvecs, which, info, tol, warn, theta)
+
+
+def _result(
+    vals: torch.Tensor,
+    vecs: torch.Tensor | None,
+    res: torch.Tensor,
+    converged: bool,
+    matvecs: int,
+    which: str,
+    info: dict,
+    tol: float,
+    warn: bool,
+    theta: torch.Tensor,
+) -> EigenResult:
+    """The :class:`EigenResult`, with a warning if not converged and ``warn`` (``theta``: every Ritz value)."""
     if not converged and warn:
         warnings.warn(
-            f"{caller}: not converged after {matvecs} products (largest relative residual "
+            f"eigenvalues: not converged after {matvecs} products (largest relative residual "
             f"{float(res.max()) / max(float(theta.abs().max()), 1e-300):.2e} > tol={tol}); "
             "raise max_matvecs or max_basis, or loosen tol",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return EigenResult(
-        eigenvalues=vals.to(dtype),
-        eigenvectors=vecs,
-        residuals=res,
-        converged=converged,
-        num_matvecs=matvecs,
-        which=which,
-        info={"restarts": restarts, "basis_size": m_max},
-    )
+    return EigenResult(eigenvalues=vals, eigenvectors=vecs, residuals=res, converged=converged, num_matvecs=matvecs,
+                       which=which, info=info)  # fmt: skip

@@ -8,6 +8,7 @@ that one operator call multiplies a block of vectors. :func:`hesd.eigenvalues`
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,6 +179,17 @@ def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor
     return W
 
 
+def _takes_residual(stop: Callable[..., bool]) -> bool:
+    r"""Whether ``stop`` can be called with a third positional argument (the residual norm :math:`\beta_j`)."""
+    try:
+        inspect.signature(stop).bind([], [], 0.0)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): called as documented first
+        return False
+    return True
+
+
 def as_rows(Y: torch.Tensor) -> torch.Tensor:
     """The columns of ``Y`` (``(n, b)``) as the rows of a ``(b, n)`` tensor with strides ``(n, 1)``.
 
@@ -210,7 +222,7 @@ def lanczos(
     basis_device: str | torch.device | None = None,
     breakdown_tol: float | None = None,
     callback: Callable[[int], None] | None = None,
-    should_stop: Callable[[list[float], list[float]], bool] | None = None,
+    should_stop: Callable[..., bool] | None = None,
 ) -> LanczosResult:
     r"""Run ``num_steps`` of the Lanczos recurrence from ``v0``.
 
@@ -233,7 +245,10 @@ def lanczos(
             :math:`100\,\epsilon\,\|T\|`.
         callback: called with the step index after each step (progress bars).
         should_stop: ``should_stop(alphas, betas)`` after each step (``len(betas) ==
-            len(alphas) - 1``); returning ``True`` ends the recurrence early (adaptive SLQ).
+            len(alphas) - 1``); returning ``True`` ends the recurrence early (adaptive SLQ). A
+            callable that takes a third argument gets :math:`\beta_j` too, the norm of the
+            remainder (the residual norm of the Ritz pairs of :math:`T_j` is
+            :math:`\beta_j |s_{j,i}|`; :func:`hesd.eigenvalues` with ``reorth="window"``).
 
     Returns:
         :class:`LanczosResult` with float64 coefficients.
@@ -275,7 +290,7 @@ def lanczos_lockstep(
     basis_device: str | torch.device | None = None,
     breakdown_tol: float | None = None,
     callback: Callable[[int, int], None] | None = None,
-    should_stop: Sequence[Callable[[list[float], list[float]], bool] | None] | None = None,
+    should_stop: Sequence[Callable[..., bool] | None] | None = None,
 ) -> list[LanczosResult]:
     r"""Run independent Lanczos recurrences from the ``b`` columns of ``V0`` in lockstep.
 
@@ -296,7 +311,8 @@ def lanczos_lockstep(
         breakdown_tol: as for :func:`lanczos`.
         V0: ``(n, b)`` start vectors, one per column (each normalised here).
         callback: ``callback(column, step)`` after each step of each recurrence.
-        should_stop: one ``should_stop(alphas, betas)`` (or ``None``) per column.
+        should_stop: one ``should_stop(alphas, betas)`` or ``should_stop(alphas, betas, beta)``
+            (or ``None``) per column, as for :func:`lanczos`.
 
     Returns:
         one :class:`LanczosResult` per column, in column order.
@@ -315,6 +331,7 @@ def lanczos_lockstep(
     stops = list(should_stop) if should_stop is not None else [None] * b
     if len(stops) != b:
         raise HesdValueError(f"{caller}: should_stop has {len(stops)} entries for {b} start vectors")
+    with_residual = [stop is not None and _takes_residual(stop) for stop in stops]
     num_steps = min(num_steps, op.full_dim)
     eps = torch.finfo(op.dtype).eps
     basis = _Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
@@ -362,7 +379,7 @@ def lanczos_lockstep(
                 broke[p] = True
                 continue
             stop = stops[p]
-            if stop is not None and stop(alphas[p], betas[p]):
+            if stop is not None and (stop(alphas[p], betas[p], bt) if with_residual[p] else stop(alphas[p], betas[p])):
                 continue
             betas[p].append(bt)
             keep.append(row)

@@ -156,6 +156,17 @@ class MemoryPlan:
         fit = self.basis["basis_bytes"] // max(fp.dim * fp.vector_item, 1)
         return int(max(6, min(40, fit - 1)))  # the basis and the next vector
 
+    def extremes_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`hesd.eigenvalues` of the extreme value at each end, without eigenvectors.
+
+        Where the SLQ's basis is a window (the full basis does not fit), a window too
+        (``reorth="window"``: three vectors, no restarts, :mod:`hesd.algorithms.extremes`);
+        otherwise the restarted method with :attr:`eigen_basis`.
+        """
+        if self.basis["reorth"] == "window":
+            return {"reorth": "window"}
+        return {"max_basis": self.eigen_basis}
+
     def slq_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesd.slq` (one probe at a time: the basis is for one)."""
         return {k: self.basis[k] for k in ("reorth", "window", "basis_dtype")} | {"lockstep": 1}

@@ -172,7 +172,7 @@ def analyze_model(
     row["slq_lambda_min"], row["slq_lambda_max"] = crit.lambda_min, crit.lambda_max
     if s.refine_extremes:
         ends = eigenvalues(op, k=2, which="BE", tol=s.extreme_tol, seed=s.seed, warn=False,
-                           max_basis=plan.eigen_basis if plan is not None else None)  # fmt: skip
+                           **(plan.extremes_kwargs() if plan is not None else {}))  # fmt: skip
         lo, hi = float(ends.eigenvalues[0]), float(ends.eigenvalues[1])
         row.update(lambda_min=lo, lambda_max=hi, width=hi - lo, extremes_converged=bool(ends.converged))
         row["stable_step"] = 2.0 / hi if hi > 0 else math.inf

@@ -45,8 +45,10 @@ class AnalysisSettings:
             counts as numerically zero and the HESD type is ``"undetermined"``
             (:func:`hesd.analysis.criteria.undetermined_reason`).
         model_mode: ``"eval"`` or ``"train"`` (see :class:`hesd.HessianOperator`).
-        refine_extremes: certify λmin and λmax with restarted Lanczos (``which="BE"``) to
-            ``extreme_tol`` instead of reporting SLQ's extreme Ritz values.
+        refine_extremes: certify λmin and λmax with Lanczos (``which="BE"``; restarted, or over
+            a 3-vector window where the memory plan gives the SLQ a window,
+            :meth:`~hesd.analysis.memory_plan.MemoryPlan.extremes_kwargs`) to ``extreme_tol``
+            instead of reporting SLQ's extreme Ritz values.
         extreme_tol: relative residual tolerance for the refinement.
         heldout_criteria: also compute the criteria on the held-out data.
         lr: the optimiser's learning rate, for the edge-of-stability ratio.
