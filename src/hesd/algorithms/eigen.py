@@ -184,7 +184,8 @@ def eigenvalues(
         vals, res, done, used, ritz = windowed_extremes(op, start, k, which, tol, max_matvecs)
         del start
         info = {"restarts": 0, "basis_size": WINDOW}
-        return _result(vals.to(dtype), None, res, done, used, which, info, tol, warn, ritz)
+        return _result(vals.to(dtype), None, res, done, used, which, info, tol, warn, ritz,
+                       "raise max_matvecs, or loosen tol")  # fmt: skip
     Q = basis_buffer((m_max + 1, rows), dtype, device)  # hesd.allocator; rows are read only once written
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
     _start(Q[0])  # built in place: no vector-sized temporaries beside the basis
@@ -286,13 +287,13 @@ def _result(
     tol: float,
     warn: bool,
     theta: torch.Tensor,
+    advice: str = "raise max_matvecs or max_basis, or loosen tol",
 ) -> EigenResult:
-    """The :class:`EigenResult`, with a warning if not converged and ``warn`` (``theta``: every Ritz value)."""
+    """The :class:`EigenResult`, warning (``advice`` last) if not converged and ``warn``; ``theta``: all Ritz values."""
     if not converged and warn:
         warnings.warn(
             f"eigenvalues: not converged after {matvecs} products (largest relative residual "
-            f"{float(res.max()) / max(float(theta.abs().max()), 1e-300):.2e} > tol={tol}); "
-            "raise max_matvecs or max_basis, or loosen tol",
+            f"{float(res.max()) / max(float(theta.abs().max()), 1e-300):.2e} > tol={tol}); {advice}",
             RuntimeWarning,
             stacklevel=3,
         )
