@@ -24,10 +24,9 @@ from .inner import dots, inner
 
 __all__ = ["LanczosResult", "as_rows", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
-# _IN_PLACE: every vector-sized update of a step is made in place. On the CPU a vector of a
-# large model is above glibc's largest mmap threshold (32 MiB), so each fresh temporary is
-# mapped, page-faulted in and unmapped: at 124 M parameters about 0.3 s per temporary, 3 s of
-# vector work per step against 0.2 s in place (BENCHMARKS.md §9).
+# _IN_PLACE: every vector-sized update of a step is made in place. On the CPU each fresh temporary
+# of a large model's size is mapped, faulted in and unmapped (above glibc's largest mmap threshold,
+# 32 MiB): 3 s of vector work per step at 124 M parameters against 0.2 s in place (BENCHMARKS.md §9).
 
 
 @dataclass
@@ -71,9 +70,8 @@ class _Basis:
         """Store ``Q`` (``(b, n)``), divided row by row by ``scale`` if given, as the latest vectors.
 
         Returns them as the recurrence should hold them: with :attr:`exact` storage a view of the
-        stored copy, so the recurrence keeps no vector of its own beside the basis (:math:`P`
-        entries per probe less at its peak), the division written straight into the basis (one
-        vector pass fewer than dividing, then copying); otherwise ``Q``, divided in place.
+        stored copy (no vector of the recurrence's own beside the basis; the division written
+        straight into it, one pass fewer); otherwise ``Q``, divided in place.
         """
         if scale is not None and not self.exact:  # (an exact basis always has a store)
             Q = Q.div_(scale[:, None])
@@ -136,9 +134,8 @@ class _Basis:
         orthogonality to rounding ("twice is enough" needs a nearly orthogonal input, not a
         full first pass; ``tests/algorithms`` checks the orthogonality on hard float32 spectra).
 
-        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations (6 where
-        a window wraps between the slots of :math:`q_{j-1}` and :math:`q_j`;
-        ``benchmarks/profile_hesd.py --task lanczos``; BENCHMARKS.md §5).
+        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations (6 where a
+        window wraps between the slots of :math:`q_{j-1}` and :math:`q_j`; BENCHMARKS.md §5).
 
         Returns the orthogonalised ``W`` and ``alpha``.
         """
@@ -180,12 +177,10 @@ def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor
 
 
 def _takes_residual(stop: Callable[..., bool]) -> bool:
-    r"""Whether ``stop`` can be called with a third positional argument (the residual norm :math:`\beta_j`)."""
+    r"""Whether ``stop`` takes a third positional argument (the residual norm :math:`\beta_j`)."""
     try:
         inspect.signature(stop).bind([], [], 0.0)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (some builtins): called as documented first
+    except (TypeError, ValueError):  # ValueError: no signature to read (some builtins)
         return False
     return True
 
@@ -245,9 +240,8 @@ def lanczos(
             :math:`100\,\epsilon\,\|T\|`.
         callback: called with the step index after each step (progress bars).
         should_stop: ``should_stop(alphas, betas)`` after each step (``len(betas) ==
-            len(alphas) - 1``); returning ``True`` ends the recurrence early (adaptive SLQ). A
-            callable that takes a third argument gets :math:`\beta_j` too, the norm of the
-            remainder (the residual norm of the Ritz pairs of :math:`T_j` is
+            len(alphas) - 1``); ``True`` ends the recurrence early (adaptive SLQ). With a third
+            parameter it also gets :math:`\beta_j`, the norm of the remainder (Ritz residuals
             :math:`\beta_j |s_{j,i}|`; :func:`hesd.eigenvalues` with ``reorth="window"``).
 
     Returns:
@@ -311,8 +305,7 @@ def lanczos_lockstep(
         breakdown_tol: as for :func:`lanczos`.
         V0: ``(n, b)`` start vectors, one per column (each normalised here).
         callback: ``callback(column, step)`` after each step of each recurrence.
-        should_stop: one ``should_stop(alphas, betas)`` or ``should_stop(alphas, betas, beta)``
-            (or ``None``) per column, as for :func:`lanczos`.
+        should_stop: one per column (or ``None``), as for :func:`lanczos`.
 
     Returns:
         one :class:`LanczosResult` per column, in column order.
