@@ -18,7 +18,7 @@ from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
-from .extremes import WINDOW, order, wanted, windowed_extremes
+from .extremes import WINDOW, arrange, order, settled, wanted, windowed_extremes
 from .inner import inner
 from .lanczos import row_norms, writable
 from .probes import gaussian
@@ -214,11 +214,7 @@ def eigenvalues(
         j += 1
         theta, S = torch.linalg.eigh(T[:j, :j])
         anorm = float(theta.abs().max()) if j else 0.0
-        resid = beta * S[j - 1].abs()
-        if j >= n:
-            resid = torch.zeros_like(resid)
-        idx = wanted(theta, which, min(k, j))
-        done = len(idx) == k and bool((resid[idx] <= tol * max(anorm, 1e-300)).all())
+        done = settled(theta, S, 0.0 if j >= n else beta, which, k, tol)[2]
         if done:
             converged = True
             break
@@ -267,9 +263,7 @@ def eigenvalues(
     idx = wanted(theta, which, min(k, len(theta)))
     vals = theta[idx]
     resid_all = (beta * S[j - 1].abs()) if j < n else torch.zeros(len(theta), dtype=torch.float64)
-    perm = torch.argsort(vals, descending=which in ("LA", "LM"))
-    if which == "LM":
-        perm = torch.argsort(vals.abs(), descending=True)
+    perm = arrange(vals, which)
     vals, idx = vals[perm], idx[perm]
     vecs = Q[:j].T @ S[:, idx].to(dtype=dtype, device=device) if return_eigenvectors else None
     info = {"restarts": restarts, "basis_size": m_max}

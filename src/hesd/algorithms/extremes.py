@@ -22,10 +22,11 @@ basis is not kept.
 from __future__ import annotations
 
 import torch
+from scipy.linalg import eigh_tridiagonal
 
 from .lanczos import lanczos_lockstep
 
-__all__ = ["WINDOW", "order", "wanted", "windowed_extremes"]
+__all__ = ["WINDOW", "arrange", "order", "settled", "wanted", "windowed_extremes"]
 
 #: vectors of the window
 WINDOW = 3
@@ -59,13 +60,29 @@ def wanted(theta: torch.Tensor, which: str, k: int) -> torch.Tensor:
     return order(theta, which)[:k]
 
 
+def settled(
+    theta: torch.Tensor, S: torch.Tensor, beta: float, which: str, k: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    r"""The stopping test of :func:`hesd.eigenvalues`, on the eigenpairs ``theta``, ``S`` of ``T_j``.
+
+    Returns the wanted indices, every Ritz pair's residual norm :math:`\beta_j |s_{j,i}|`, and
+    whether the ``k`` wanted ones are all at most ``tol · max|θ|``.
+    """
+    resid = beta * S[-1].abs()
+    idx = wanted(theta, which, min(k, len(theta)))
+    anorm = float(theta.abs().max())
+    return idx, resid, len(idx) == k and bool((resid[idx] <= tol * max(anorm, 1e-300)).all())
+
+
+def arrange(vals: torch.Tensor, which: str) -> torch.Tensor:
+    """The order of ``eigenvalues``' results: descending for ``"LA"``, ``"LM"`` (by magnitude), else ascending."""
+    return torch.argsort(vals.abs() if which == "LM" else vals, descending=which in ("LA", "LM"))
+
+
 def _ritz(alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    m = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        T += torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigh(T)
+    """Eigenpairs of the tridiagonal ``T_j`` (SciPy's tridiagonal solver, as :mod:`hesd.algorithms.slq`)."""
+    theta, S = eigh_tridiagonal(alphas, betas[: len(alphas) - 1])
+    return torch.from_numpy(theta), torch.from_numpy(S)
 
 
 def windowed_extremes(
@@ -86,20 +103,13 @@ def windowed_extremes(
         residual norms, whether every one met ``tol``, the products used, and every Ritz value.
     """
 
-    def converged(theta: torch.Tensor, S: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        resid = beta * S[-1].abs()
-        idx = wanted(theta, which, min(k, len(theta)))
-        anorm = float(theta.abs().max())
-        return idx, resid, len(idx) == k and bool((resid[idx] <= tol * max(anorm, 1e-300)).all())
-
     def stop(alphas: list[float], betas: list[float], beta: float) -> bool:
         theta, S = _ritz(alphas, betas)
-        return converged(theta, S, beta)[2]
+        return settled(theta, S, beta, which, k, tol)[2]
 
     res = lanczos_lockstep(op, start[:, None], max_matvecs, reorth="window", window=WINDOW, should_stop=[stop])[0]
     theta, S = _ritz(res.alpha.tolist(), res.beta.tolist())
     whole = len(theta) >= op.full_dim  # the Krylov space is the whole space: the Ritz values are exact
-    idx, resid, done = converged(theta, S, 0.0 if whole else res.residual_norm)
-    vals = theta[idx]
-    perm = torch.argsort(vals.abs() if which == "LM" else vals, descending=which in ("LA", "LM"))
-    return vals[perm], resid[idx][perm], done, res.num_matvecs, theta
+    idx, resid, done = settled(theta, S, 0.0 if whole else res.residual_norm, which, k, tol)
+    perm = arrange(theta[idx], which)
+    return theta[idx][perm], resid[idx][perm], done, res.num_matvecs, theta
