@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import importlib.metadata
 import json
 import math
 import os
@@ -388,8 +389,13 @@ def main() -> None:
         under_budget = environment(reuse_large=False)  # `hesd analyze --max-memory`
     budget = "free" if a.max_memory is None else f"{a.max_memory / 2**30:.1f} GiB"
     gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "no GPU"
+    from hesd.algorithms import fused
+
+    step = "in PyTorch calls"
+    if fused.AVAILABLE and fused.ENABLED:
+        step = f"compiled (Numba {importlib.metadata.version('numba')})"
     print(f"torch {torch.__version__}, {a.threads} threads, device {a.device} ({gpu}); GPT-2, {ROWS} x {LENGTH} "
-          f"tokens, own loss; hesd --max-memory {budget}"
+          f"tokens, own loss; hesd --max-memory {budget}; hesd's float32 CPU Lanczos step {step}"
           + {None: "", "reuse": "; glibc malloc tuned for every tool (large buffers reused)",
              "cli": "; glibc malloc tuned as hesd analyze does (hesd reuses large buffers only without a budget)"}[
                 a.tune_allocator], flush=True)  # fmt: skip

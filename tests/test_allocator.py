@@ -139,14 +139,14 @@ def test_krylov_bases_come_from_basis_buffer(monkeypatch, algorithm):
     """Both Lanczos methods take their basis from hesd.allocator.basis_buffer, with its shape and dtype."""
     import importlib
 
-    eigen, lanczos = (importlib.import_module(f"hesd.algorithms.{m}") for m in ("eigen", "lanczos"))
+    eigen, basis = (importlib.import_module(f"hesd.algorithms.{m}") for m in ("eigen", "basis"))
     asked: list[tuple] = []
 
     def spy(shape, dtype, device):
         asked.append((tuple(shape), dtype))
         return _allocator.basis_buffer(shape, dtype, device)
 
-    for module in (eigen, lanczos):
+    for module in (eigen, basis):
         monkeypatch.setattr(module, "basis_buffer", spy)
     A = torch.diag(torch.linspace(-1.0, 2.0, 50, dtype=torch.float64))
     if algorithm == "eigenvalues":

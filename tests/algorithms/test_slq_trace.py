@@ -186,7 +186,7 @@ def test_memory_modes_against_full_reorthogonalisation():
 @pytest.mark.parametrize("spectrum", ["near-low-rank", "clustered", "outliers"])
 def test_full_reorthogonalisation_stays_clean_in_float32(spectrum):
     """200 float32 steps on hard 400-dimensional spectra: the local-then-full Gram-Schmidt of
-    ``_Basis.project`` keeps one copy of λmax and exact extremes; the plain recurrence does not."""
+    ``Basis.project`` keeps one copy of λmax and exact extremes; the plain recurrence does not."""
     g = torch.Generator().manual_seed(1)
     n = 400
     eigs = {
@@ -273,18 +273,18 @@ def test_lanczos_lockstep_errors():
 
 @pytest.mark.parametrize(("reorth", "window"), [("full", None), ("window", 3), ("window", 4)])
 def test_the_local_pass_reads_q_prev_and_q_in_one_product_unless_a_window_wraps(monkeypatch, reorth, window):
-    """``_Basis.project``'s first pass multiplies q_{j-1} and q_j together when their slots are adjacent and
+    """``Basis.project``'s first pass multiplies q_{j-1} and q_j together when their slots are adjacent and
     splits where a window wraps between them; the coefficients equal those of a pass per vector (float64)."""
     import sys
 
-    lz = sys.modules["hesd.algorithms.lanczos"]  # the package's `lanczos` is the function
+    lz = sys.modules["hesd.algorithms.basis"]
     eigs = torch.cat([torch.linspace(-2, 1, 298, dtype=torch.float64), torch.tensor([3.0, 5.0])])
     A = random_symmetric(300, eigs, seed=2)
     v0 = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     widths: list[int] = []
     real = lz.inner
     monkeypatch.setattr(lz, "inner", lambda Q, W: widths.append(Q.shape[1]) or real(Q, W))
-    res = lz.lanczos(A, v0, 40, reorth=reorth, window=window)
+    res = hesd.algorithms.lanczos(A, v0, 40, reorth=reorth, window=window)
     size = 40 if window is None else window
     expected = [1, 1]  # step 0: q_0, then the basis (q_0)
     for j in range(1, 40):

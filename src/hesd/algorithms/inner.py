@@ -75,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["columns", "dots", "inner", "norms"]
+__all__ = ["chunk_loop", "columns", "dots", "inner", "norms"]
 
 #: entries of float32 vectors multiplied by one BLAS call on the CPU (its rounding grows with this length)
 CHUNK = 1 << 14
@@ -120,7 +120,7 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> None:
-    """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU), by :func:`_chunk_loop`."""
+    """``parts[c] = q[:, chunk c] @ w[chunk c]`` for every chunk ``c`` (float32, on the CPU), by :func:`chunk_loop`."""
     nch = parts.shape[0]
     if nch == 1:
         torch.mv(q, w, out=parts[0])
@@ -132,10 +132,10 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
                                 strict=True):  # fmt: skip
             torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
 
-    _chunk_loop(nch, work)
+    chunk_loop(nch, work)
 
 
-def _chunk_loop(chunks: int, work: Callable[[int, int], None]) -> None:
+def chunk_loop(chunks: int, work: Callable[[int, int], None]) -> None:
     """Run ``work(first, stop)`` over ranges of ``chunks`` chunks shared among :func:`_threads` threads.
 
     Each range is one thread's, which runs its BLAS calls on one MKL thread; every chunk's result
@@ -201,7 +201,7 @@ def columns(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         if nch == 1:
             work(0, 1)
         else:
-            _chunk_loop(nch, work)
+            chunk_loop(nch, work)
         return parts.sum(0, dtype=torch.float64)
     chunk = max(256, CHUNK_BYTES // (8 * max(k + m, 1)))  # rows of both cast to float64 at a time
     out = torch.zeros(k, m, dtype=torch.float64, device=X.device)

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError, NonFiniteError
 from ..operators.linear import LinearOperator, as_operator
-from .inner import dots, inner
+from .basis import Basis
+from .inner import dots
 
 __all__ = ["LanczosResult", "as_rows", "lanczos", "lanczos_lockstep", "row_norms", "writable"]
 
@@ -49,112 +49,6 @@ class LanczosResult:
     num_matvecs: int
 
 
-class _Basis:
-    """Lanczos bases of ``b`` recurrences run in lockstep: full, a sliding window, or none.
-
-    Stored as ``(b, size, n)`` in any dtype and on any device; rows of probes that stop are
-    dropped (:meth:`keep`) so the active bases stay contiguous.
-    """
-
-    def __init__(self, b: int, n: int, m: int, reorth: str, window: int | None, dtype, device, op: LinearOperator):
-        self.reorth = reorth
-        self.size = {"full": m, "window": window or 0, "none": 0}[reorth]
-        self.dtype = dtype or op.dtype
-        self.device = torch.device(device) if device is not None else op.device
-        self.op_dtype, self.op_device = op.dtype, op.device
-        self.reduce = op.reduce_inner  # sums partial inner products over ranks when vectors are sharded
-        self.store = basis_buffer((b, self.size, n), self.dtype, self.device) if self.size else None  # hesd.allocator
-        self.count = 0
-
-    def add(self, Q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Store ``Q`` (``(b, n)``), divided row by row by ``scale`` if given, as the latest vectors.
-
-        Returns them as the recurrence should hold them: with :attr:`exact` storage a view of the
-        stored copy (no vector of the recurrence's own beside the basis; the division written
-        straight into it, one pass fewer); otherwise ``Q``, divided in place.
-        """
-        if scale is not None and not self.exact:  # (an exact basis always has a store)
-            Q = Q.div_(scale[:, None])
-        if self.store is None:
-            return Q
-        slot = self.count % self.size if self.reorth == "window" else self.count
-        target = self.store[:, slot]
-        if self.exact and scale is not None:
-            torch.div(Q, scale[:, None], out=target)
-        else:
-            target.copy_(Q.to(device=self.device, dtype=self.dtype))
-        self.count += 1
-        return target if self.exact else Q
-
-    @property
-    def exact(self) -> bool:
-        """Whether the stored vectors are exact, in the operator's dtype and device.
-
-        A full basis, or a window that holds at least :math:`q_{j-1}` and :math:`q_j`. Then
-        :meth:`project` can take the recurrence coefficients from the projection itself.
-        """
-        stored = self.reorth == "full" or (self.reorth == "window" and self.size >= 2)
-        return stored and self.dtype == self.op_dtype and self.device == self.op_device
-
-    def _slot(self, back: int) -> int:
-        """The slot of :math:`q_{j-back}` (``back`` = 0: the latest vector added)."""
-        i = self.count - 1 - back
-        return i % self.size if self.reorth == "window" else i
-
-    def orthogonalise(self, W: torch.Tensor) -> torch.Tensor:
-        """Remove from each row of ``W`` (``(b, n)``) its components along that probe's basis."""
-        if self.store is None or self.count == 0:
-            return W
-        Q = self.store[:, : min(self.count, self.size)].to(device=self.op_device, dtype=self.op_dtype)
-        for _ in range(2):  # classical Gram-Schmidt twice ("twice is enough")
-            _subtract(W, Q, self.reduce(inner(Q, W)))
-        return W
-
-    def project(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Full re-orthogonalisation that also yields :math:`\alpha_j` (only when :attr:`exact`).
-
-        Gram-Schmidt twice on :math:`w = A q_j`, the first pass local, the second over every
-        stored vector (the whole basis, or with ``reorth="window"`` the window):
-
-        1. against :math:`q_{j-1}` and :math:`q_j` together (classical Gram-Schmidt on two
-           orthonormal vectors; two passes where a window wraps between their slots):
-           coefficients :math:`h`, whose last entry is :math:`\alpha_j = q_j^\top A q_j` (the
-           other is :math:`\beta_{j-1}`). This is the three-term recurrence written as a
-           projection. Along every older :math:`q_i`,
-           :math:`q_i^\top A q_j = (A q_i)^\top q_j` is of order :math:`\epsilon\|A\|`,
-           because :math:`A q_i` lies in :math:`\operatorname{span}(q_0 \dots q_{i+1})` up to the
-           rounding that step :math:`i` removed.
-        2. against the whole basis :math:`Q_j = [q_0 \dots q_j]`: removes those rounding-level
-           components and the first pass's own rounding; its last coefficient corrects
-           :math:`\alpha_j`.
-
-        The second pass's input is therefore orthogonal to :math:`Q_j` to a relative
-        :math:`\epsilon\|A\|/\beta_j`, at most about 1 % while :math:`\beta_j` is above the
-        breakdown threshold :math:`100\,\epsilon\,\|T\|`, so one full pass restores
-        orthogonality to rounding ("twice is enough" needs a nearly orthogonal input, not a
-        full first pass; ``tests/algorithms`` checks the orthogonality on hard float32 spectra).
-
-        Cost: two reads of the stored basis a step instead of four, in 4 tensor operations (6 where a
-        window wraps between the slots of :math:`q_{j-1}` and :math:`q_j`; BENCHMARKS.md §5).
-
-        Returns the orthogonalised ``W`` and ``alpha``.
-        """
-        assert self.store is not None  # project() runs only with stored vectors (exact)
-        first = self._slot(min(self.count - 1, 1))  # q_{j-1} (or q_0 at the start) to q_j: the O(1) components
-        for lo, hi in ((first, self._slot(0) + 1),) if first <= self._slot(0) else ((first, first + 1), (0, 1)):
-            q = self.store[:, lo:hi]  # adjacent slots in one pass; a window that wraps between them in two
-            h = self.reduce(inner(q, W))  # float64; the last, along q_j, is alpha_j
-            _subtract(W, q, h)
-        Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
-        h2 = self.reduce(inner(Q, W))
-        _subtract(W, Q, h2)
-        return W, (h[:, -1] + h2[:, self._slot(0)])
-
-    def keep(self, rows: torch.Tensor) -> None:
-        if self.store is not None:
-            self.store = self.store[rows.to(self.device)]
-
-
 def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     """Row norms of ``X`` in its dtype, accumulated in float64 (:mod:`hesd.algorithms.inner`).
 
@@ -162,18 +56,6 @@ def row_norms(X: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     (``op.reduce_inner`` is the identity otherwise).
     """
     return torch.sqrt(op.reduce_inner(dots(X, X))).to(X.dtype)
-
-
-def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``W[i] -= Q[i]ᵀ h[i]`` for each row ``i``, in place (``W`` ``(b, n)``, ``Q`` ``(b, k, n)``, ``h`` ``(b, k)``).
-
-    One ``addmv_`` per row: ``baddbmm_`` on the CPU computes into a new vector-sized buffer and
-    copies it back, which at 124 M parameters costs more than the product it replaces.
-    """
-    h = h.to(W.dtype)
-    for i in range(W.shape[0]):
-        W[i].addmv_(Q[i].T, h[i], alpha=-1)
-    return W
 
 
 def _takes_residual(stop: Callable[..., bool]) -> bool:
@@ -327,7 +209,7 @@ def lanczos_lockstep(
     with_residual = [stop is not None and _takes_residual(stop) for stop in stops]
     num_steps = min(num_steps, op.full_dim)
     eps = torch.finfo(op.dtype).eps
-    basis = _Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
+    basis = Basis(b, n, num_steps, reorth, window, basis_dtype, basis_device, op)
     exact = basis.exact
     Q = as_rows(V0.to(device=op.device, dtype=op.dtype))
     norms = row_norms(Q, op)
@@ -346,15 +228,16 @@ def lanczos_lockstep(
     for j in range(num_steps):
         Q = basis.add(Q, scale)  # exact storage: a view of the basis, and Q's own memory is freed (_IN_PLACE)
         W = writable(as_rows(op @ Q.T), Q)  # updated in place below (_IN_PLACE)
+        beta: torch.Tensor | None = None
         if exact:
-            W, alpha = basis.project(W)
+            W, alpha, beta = basis.project(W)  # beta: where the compiled step took it (hesd.algorithms.fused)
         else:
             alpha = op.reduce_inner(dots(Q, W))
             W.addcmul_(Q, alpha[:, None].to(W.dtype), value=-1)
             assert Q_prev is not None  # held when not exact
             W.addcmul_(Q_prev, beta_prev[:, None].to(W.dtype), value=-1)
             W = basis.orthogonalise(W)
-        beta = row_norms(W, op)
+        beta = row_norms(W, op) if beta is None else beta
         keep: list[int] = []
         for row, (p, a, bt) in enumerate(zip(active, alpha.tolist(), beta.tolist(), strict=True)):
             if not math.isfinite(bt) or not math.isfinite(a):
