@@ -140,7 +140,20 @@ def chunk_loop(chunks: int, work: Callable[[int, int], None]) -> None:
 
     Each range is one thread's, which runs its BLAS calls on one MKL thread; every chunk's result
     goes to its own row, so the result does not depend on how many threads ran (module docs).
-    Python's garbage collector is paused meanwhile.
+    Python's garbage collector is paused meanwhile. ``work`` must release Python's lock to run
+    side by side (PyTorch's and Numba's ``nogil`` kernels do: :mod:`hesd.algorithms.fused`).
+
+    Args:
+        chunks: how many chunks there are.
+        work: ``work(first, stop)`` handles chunks ``first`` to ``stop - 1``, writing only their rows.
+
+    Examples:
+        >>> import torch
+        >>> from hesd.algorithms.inner import chunk_loop
+        >>> x, out = torch.arange(8.0), torch.zeros(4)
+        >>> chunk_loop(4, lambda a, b: [out.__setitem__(c, x[2 * c : 2 * c + 2].sum()) for c in range(a, b)])
+        >>> out.tolist()
+        [1.0, 5.0, 9.0, 13.0]
     """
     threads = _threads(chunks)
     bounds = [chunks * t // threads for t in range(threads + 1)]
