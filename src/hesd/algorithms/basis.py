@@ -84,6 +84,10 @@ class Basis:
         i = self.count - 1 - back
         return i % self.size if self.reorth == "window" else i
 
+    def _local(self) -> tuple[int, int]:
+        """The slots of :math:`q_{j-1}` (:math:`q_0` at the start) and :math:`q_j`, the first pass's vectors."""
+        return self._slot(min(self.count - 1, 1)), self._slot(0)
+
     def orthogonalise(self, W: torch.Tensor) -> torch.Tensor:
         """Remove from each row of ``W`` (``(b, n)``) its components along that probe's basis."""
         if self.store is None or self.count == 0:
@@ -131,20 +135,20 @@ class Basis:
         assert self.store is not None  # project() runs only with stored vectors (exact)
         if fused.usable(self.store, W):
             return self._project_compiled(W)
-        first = self._slot(min(self.count - 1, 1))  # q_{j-1} (or q_0 at the start) to q_j: the O(1) components
-        for lo, hi in ((first, self._slot(0) + 1),) if first <= self._slot(0) else ((first, first + 1), (0, 1)):
+        first, last = self._local()  # q_{j-1} to q_j: the O(1) components
+        for lo, hi in ((first, last + 1),) if first <= last else ((first, first + 1), (0, 1)):
             q = self.store[:, lo:hi]  # adjacent slots in one pass; a window that wraps between them in two
             h = self.reduce(inner(q, W))  # float64; the last, along q_j, is alpha_j
             _subtract(W, q, h)
         Q = self.store[:, : min(self.count, self.size)]  # the whole basis, or the window
         h2 = self.reduce(inner(Q, W))
         _subtract(W, Q, h2)
-        return W, (h[:, -1] + h2[:, self._slot(0)]), None
+        return W, (h[:, -1] + h2[:, last]), None
 
     def _project_compiled(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`project` in :mod:`hesd.algorithms.fused`'s sweeps (one recurrence after another)."""
         assert self.store is not None
-        first, last = self._slot(min(self.count - 1, 1)), self._slot(0)
+        first, last = self._local()
         local = [first, last] if first != last else [last]  # q_{j-1}, q_j in any slots: one pass
         filled = range(min(self.count, self.size))
         h = self.reduce(torch.stack([fused.products(self.store[i], local, W[i]) for i in range(W.shape[0])]))

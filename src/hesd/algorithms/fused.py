@@ -58,7 +58,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .inner import CHUNK, chunk_loop
+from .inner import chunk_count, chunk_loop
 
 __all__ = ["AVAILABLE", "ENABLED", "products", "subtract_into", "subtract_then_products", "usable"]
 
@@ -92,7 +92,7 @@ def products(S: torch.Tensor, rows: Sequence[int], w: torch.Tensor) -> torch.Ten
     """
     idx = np.asarray(rows, dtype=np.int64)
     s, x = S.numpy(), w.numpy()
-    parts = np.empty((_chunks(x.shape[0]), len(idx)), dtype=np.float64)
+    parts = np.empty((chunk_count(x.shape[0]), len(idx)), dtype=np.float64)
     kernel = _kernels().products
     chunk_loop(parts.shape[0], lambda c0, c1: kernel(s, idx, x, parts, c0, c1))
     return torch.from_numpy(parts.sum(0))
@@ -109,7 +109,7 @@ def subtract_then_products(
     idx, oth = np.asarray(rows, dtype=np.int64), np.asarray(others, dtype=np.int64)
     coef = h.to(torch.float32).numpy()
     s, x = S.numpy(), w.numpy()
-    parts = np.empty((_chunks(x.shape[0]), len(oth) + 1), dtype=np.float64)
+    parts = np.empty((chunk_count(x.shape[0]), len(oth) + 1), dtype=np.float64)
     kernel = _kernels().subtract_products
     chunk_loop(parts.shape[0], lambda c0, c1: kernel(s, idx, coef, oth, x, parts, c0, c1))
     return torch.from_numpy(parts.sum(0))
@@ -122,11 +122,7 @@ def subtract_into(S: torch.Tensor, rows: Sequence[int], h: torch.Tensor, w: torc
     s, x = S.numpy(), w.numpy()
     b = np.float32(beta)
     kernel = _kernels().subtract_into
-    chunk_loop(_chunks(x.shape[0]), lambda c0, c1: kernel(s, idx, coef, x, target, b, c0, c1))
-
-
-def _chunks(n: int) -> int:
-    return max(1, -(-n // CHUNK))
+    chunk_loop(chunk_count(x.shape[0]), lambda c0, c1: kernel(s, idx, coef, x, target, b, c0, c1))
 
 
 @functools.cache

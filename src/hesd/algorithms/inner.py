@@ -75,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["chunk_loop", "columns", "dots", "inner", "norms"]
+__all__ = ["chunk_count", "chunk_loop", "columns", "dots", "inner", "norms"]
 
 #: entries of float32 vectors multiplied by one BLAS call on the CPU (its rounding grows with this length)
 CHUNK = 1 << 14
@@ -105,7 +105,7 @@ def inner(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     b, k, n = Q.shape
     if Q.dtype == torch.float32 and W.dtype == torch.float32:
         out = torch.empty(b, k, dtype=torch.float64, device=W.device)
-        parts = torch.empty(max(1, -(-n // CHUNK)), k, dtype=torch.float32, device=W.device)  # a row per split chunk
+        parts = torch.empty(chunk_count(n), k, dtype=torch.float32, device=W.device)  # a row per split chunk
         for i in range(b):  # one gemv per recurrence and chunk: CPU bmm over b > 1 copies its operands
             _chunk_products(Q[i], W[i], parts)
             out[i] = parts.sum(0, dtype=torch.float64)
@@ -133,6 +133,11 @@ def _chunk_products(q: torch.Tensor, w: torch.Tensor, parts: torch.Tensor) -> No
             torch.mv(qc, wc, out=part)  # views made in one call each: the loop is one dispatch per chunk
 
     chunk_loop(nch, work)
+
+
+def chunk_count(n: int) -> int:
+    """How many chunks of :data:`CHUNK` entries a vector of ``n`` entries splits into (at least one)."""
+    return max(1, -(-n // CHUNK))
 
 
 def chunk_loop(chunks: int, work: Callable[[int, int], None]) -> None:
@@ -202,7 +207,7 @@ def columns(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         return (X.T @ Y.to(X.dtype)).to(torch.float64)
     n, k, m = X.shape[0], X.shape[1], Y.shape[1]
     if X.dtype == torch.float32 and Y.dtype == torch.float32:
-        nch = max(1, -(-n // CHUNK))
+        nch = chunk_count(n)
         parts = torch.empty(nch, k, m, dtype=torch.float32, device=X.device)  # a block per chunk of rows
 
         def work(first: int, stop: int) -> None:
