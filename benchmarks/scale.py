@@ -5,8 +5,10 @@ model's own loss (the peers: its shifted cross-entropy over the logits, the same
 (tool, size) runs in a fresh process, so that its peak resident memory (``ru_maxrss``) is its
 own. Per run, as far as the tool can go:
 
-* ``grad s`` — one gradient; ``HVP s`` — one product (hesd: the median of three under the plan,
-  after the one that starts the first-order pass, and each loop's products are timed one by one;
+* ``grad s`` — one gradient; ``HVP s`` — one product (hesd: the median of nine under the plan:
+  three right after the SLQ with its operator, three before the top-1 and three after it; each
+  loop is compared with the products timed beside it, so that a drift of the machine's speed
+  during the run moves both sides of its ratio; each loop's products are timed one by one;
   eigenthings: its autograd product); ``FD s`` — one finite-difference product (hesd, eigenthings);
 * ``top-1`` — the largest eigenvalue at tolerance 1e-3: seconds, products, and its relative
   error against hesd's reference value (hesd runs first and hands it on, or ``--reference``): the
@@ -16,9 +18,11 @@ own. Per run, as far as the tool can go:
 * ``SLQ s`` — a 30-step SLQ probe (hesd: under the memory plan for ``--max-memory``, which it
   prints; PyHessian ``density(iter=30)``; eigenthings ``spectral_density``; curvlinops has no
   per-probe Ritz weights);
-* ``RSS GiB`` — peak resident memory of the process; for hesd also the plan's estimate against
-  the measured growth of resident memory during the analysis; ``GPU GiB`` (``--device cuda``) —
-  the GPU's peak allocation over the measured phases;
+* ``RSS GiB`` — peak resident memory of the process (hesd: over its measured phases; the heap
+  that a phase frees is handed back before the finite-difference product and before the top-1,
+  as the top-1 does itself where it maps its basis, so each phase's peak is its own); for hesd
+  also the plan's estimate against the measured growth of resident memory during the analysis;
+  ``GPU GiB`` (``--device cuda``) — the GPU's peak allocation over the measured phases;
 * ``--float64`` — hesd also finds the top three eigenvalues of the same model in float64, the
   reference that float32 runs cannot settle (on a GPU, seconds).
 
@@ -223,6 +227,7 @@ def timed_operator(op):
 
 def run_hesd(size: str, a) -> dict:
     import hesd
+    from hesd.allocator import release_free_memory
     from hesd.analysis.memory_plan import plan_memory
 
     model, batch = build(size, eager=False)
@@ -238,11 +243,17 @@ def run_hesd(size: str, a) -> dict:
         with phase("SLQ", r, "SLQ s"):
             spec = hesd.slq(op, STEPS, 1, seed=0, **plan.slq_kwargs())
         r["SLQ HVPs"], r["SLQ products s"], r["SLQ pass s"] = op.num_matvecs, op.product_s, op.pass_s
-        r["SLQ product times"] = op.product_times
+        r["SLQ product times"] = list(op.product_times)
         r["SLQ λmax"] = float(max(spec.values[0]))
         r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
         r["SLQ RSS GiB"] = rss_gib()
-        del op, spec
+        del spec
+        v = torch.randn(op.shape[0], device=DEVICE)
+        with phase("products (3) after the SLQ", r):  # one product beside the SLQ: its operator, its kept graphs
+            for _ in range(3):
+                op @ v
+        r["HVP times after the SLQ"] = op.product_times[len(r["SLQ product times"]) :]
+        del op, v
     params = list(model.parameters())
     with phase("gradient", r, "grad s"):
         torch.autograd.grad(model(**batch).loss, params)
@@ -256,6 +267,7 @@ def run_hesd(size: str, a) -> dict:
             op @ v
     r["HVP times"] = op.product_times[k0:]
     r["HVP s"] = statistics.median(r["HVP times"])
+    release_free_memory()  # the products' freed buffers: not resident through the next phases (untimed here)
     fd = hesd.HessianOperator(model, None, data, hvp_method="finite_difference", check_deterministic=False)
     fd @ v
     with phase("finite-difference product", r, "FD s"):
@@ -264,10 +276,22 @@ def run_hesd(size: str, a) -> dict:
     n0, p0, t0 = op.num_matvecs, op.product_s, len(op.product_times)
     kw = plan.extremes_kwargs()  # a window where the SLQ's is one, else a restart basis within its memory
     r["eigen basis"] = "window of 3" if kw.get("reorth") == "window" else f"restart basis {kw['max_basis']}"
+    # What the finite-difference phase freed, handed back before the top-1 starts, as the top-1 does itself where it
+    # maps its basis (hesd.allocator.basis_buffer): its peak is then its own, not the retained heap of that phase.
+    release_free_memory()
     with phase("top-1", r, "top-1 s"):
         top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, **kw)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
     r["top-1 products s"], r["top-1 product times"] = op.product_s - p0, op.product_times[t0:]
+    v = torch.randn(op.shape[0], device=DEVICE)
+    with phase("products (3) after the top-1", r):  # the other side of the top-1: drift of the machine's speed
+        k0 = len(op.product_times)
+        for _ in range(3):
+            op @ v
+    r["HVP times after"] = op.product_times[k0:]
+    r["one product beside the top-1"] = statistics.median(r["HVP times"] + r["HVP times after"])
+    r["HVP s"] = statistics.median(r["HVP times"] + r["HVP times after"] + r.get("HVP times after the SLQ", []))
+    del v
     if a.reference is not None:  # given: not recomputed
         return float64_reference(model, batch, r, a) | {
             "reference": a.reference,
@@ -450,20 +474,26 @@ def main() -> None:
                       f"(converged {r.get('reference converged')}, {r.get('reference HVPs')} products); peak RSS over "
                       f"the measured phases (the reference's larger basis excluded) "
                       f"{r.get('RSS GiB (measured phases)', math.nan):.2f} GiB", flush=True)  # fmt: skip
-                one = r.get("HVP s", math.nan)
-                print(f"      wall time against products × one product ({one:.3g} s): SLQ "
-                      f"{r.get('SLQ s', math.nan) / (r.get('SLQ HVPs', math.nan) * one):.3f} "
-                      f"({r.get('SLQ HVPs', '?')} products), top-1 "
-                      f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one):.3f} "
-                      f"({r.get('top-1 HVPs', '?')} products; {r.get('eigen basis', '?')})",
-                      flush=True)  # fmt: skip
+                after_slq = r.get("HVP times after the SLQ")
+                one_slq = statistics.median(after_slq) if after_slq else math.nan
+                one_top = r.get("one product beside the top-1", math.nan)
+                print(f"      wall time against products × one product timed beside the loop: SLQ "
+                      f"{r.get('SLQ s', math.nan) / (r.get('SLQ HVPs', math.nan) * one_slq):.3f} "
+                      f"({r.get('SLQ HVPs', '?')} products × {one_slq:.3g} s, the median of 3 right after it), top-1 "
+                      f"{r.get('top-1 s', math.nan) / (r.get('top-1 HVPs', math.nan) * one_top):.3f} "
+                      f"({r.get('top-1 HVPs', '?')} products × {one_top:.3g} s, the median of 3 before and 3 after it; "
+                      f"{r.get('eigen basis', '?')})", flush=True)  # fmt: skip
                 spread = ", ".join(
                     f"{name} {statistics.median(ts):.2f} (first {ts[0]:.2f}, min {min(ts):.2f}, max {max(ts):.2f})"
                     for name, key in (("in the SLQ", "SLQ product times"), ("in the top-1", "top-1 product times"))
                     if (ts := r.get(key))
                 )  # fmt: skip
-                alone = ", ".join(f"{t:.2f}" for t in r.get("HVP times", []))
-                print(f"      product seconds: alone {alone}; median {spread}", flush=True)
+                alone = " | ".join(
+                    ", ".join(f"{t:.2f}" for t in r.get(k, []))
+                    for k in ("HVP times after the SLQ", "HVP times", "HVP times after")
+                )
+                print(f"      product seconds: alone {alone} (after the SLQ | before | after the top-1); "
+                      f"median {spread}", flush=True)  # fmt: skip
                 slq, top1 = r.get("SLQ s", math.nan), r.get("top-1 s", math.nan)
                 sp, sh, tp = (r.get(k, math.nan) for k in ("SLQ pass s", "SLQ products s", "top-1 products s"))
                 print(f"      inside: SLQ {slq:.1f} s = first-order pass {sp:.1f} + products {sh:.1f} + the rest "

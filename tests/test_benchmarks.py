@@ -93,6 +93,10 @@ def test_scale_benchmark_quick():
     out = _run(str(BENCH / "scale.py"), "--quick", "--float64", "--tune-allocator")
     assert "\n1M    hesd" in out and "memory plan:" in out and "resident growth" in out
     assert "glibc malloc tuned" in out and "float64: top 3 [" in out and "converged True" in out
+    alone = out.split("product seconds: alone ")[1].split(" (after the SLQ | before | after the top-1)")[0]
+    assert [len(side.split(", ")) for side in alone.split(" | ")] == [3, 3, 3]  # after the SLQ, beside the top-1
+    ratios = out.split("timed beside the loop: SLQ ")[1].split(" products × ")[0].split()
+    assert float(ratios[0]) > 1 and "the median of 3 before and 3 after it" in out  # (a finite ratio, not nan)
 
 
 def test_gpt2_hesd_benchmark_smoke(tmp_path):
@@ -111,3 +115,14 @@ def test_top1_tolerance_benchmark_smoke():
     assert [r[1:4] for r in rows] == settings
     assert "failed" not in out and [r[4] for r in rows[2:]] == ["3", "3"]  # fixed steps: exactly that many products
     assert all(float(r[7]) < 1 and int(r[4]) >= 1 for r in rows)  # a relative error, from at least one product
+
+
+def test_vector_work_benchmark_smoke():
+    out = _run(str(BENCH / "vector_work.py"), "--size", "200000", "--rounds", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("HESD_FUSED=")]
+    paths = {"HESD_FUSED=1", "HESD_FUSED=0"} if "compiled step available" in out else {"HESD_FUSED=0"}
+    assert {(r[0], r[1]) for r in rows} == {(p, t) for p in paths for t in ("slq", "top1-window", "top1-restart6",
+                                                                               "top5-restart12")}  # fmt: skip
+    for r in rows:  # the largest eigenvalue, 30, found by every task on either path (the first value printed)
+        assert abs(float(r[r.index("λ") + 1]) - 30.0) < 1e-3
+    assert out.count("rest (median)") == 4

@@ -275,15 +275,28 @@ def test_the_start_vector_is_built_in_place_as_the_normalised_mix(monkeypatch):
     assert torch.allclose(hinted.eigenvalues, torch.tensor([1.5, 1.3]), atol=1e-4)
 
 
-def test_the_first_pass_is_local_except_after_a_restart(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["pytorch", "compiled"])
+def test_the_first_pass_is_local_except_after_a_restart(monkeypatch, compiled):
     """Each expansion's first Gram-Schmidt pass reads q_{j-1} and q_j only, except the column after a thick
     restart (it couples to every kept Ritz vector); the second pass reads the whole basis. On a float32
-    operator with many restarts the eigenpairs still match float64 ``eigvalsh`` and stay orthonormal."""
+    operator with many restarts the eigenpairs still match float64 ``eigvalsh`` and stay orthonormal. The same
+    with the compiled step (hesd.algorithms.fused), where the passes are its first two sweeps."""
     import hesd.algorithms.eigen as eigen
+    from hesd.algorithms import fused
 
+    if compiled and not fused.AVAILABLE:
+        pytest.skip("Numba is not installed (the fast extra)")
+    monkeypatch.setattr(fused, "ENABLED", compiled)
     widths: list[int] = []
-    real = eigen.inner
-    monkeypatch.setattr(eigen, "inner", lambda Q, w: widths.append(Q.shape[1]) or real(Q, w))
+    if compiled:
+        products, then = fused.products, fused.subtract_then_products
+        monkeypatch.setattr(fused, "products", lambda S, rows, w: widths.append(len(rows)) or products(S, rows, w))
+        monkeypatch.setattr(
+            fused, "subtract_then_products", lambda S, r, h, o, w: widths.append(len(o)) or then(S, r, h, o, w)
+        )
+    else:
+        real = eigen.inner
+        monkeypatch.setattr(eigen, "inner", lambda Q, w: widths.append(Q.shape[1]) or real(Q, w))
     A, eigs = _indefinite(n=400, seed=6)
     res = hesd.eigenvalues(A.float(), k=3, tol=1e-5, max_basis=8, max_matvecs=3000, return_eigenvectors=True)
     assert res.converged and res.info["restarts"] >= 3

@@ -192,3 +192,52 @@ def test_summing_by_blocks_keeps_windowed_lanczos_at_its_float32_accuracy(monkey
         T = np.diag(r.alpha) + np.diag(r.beta, 1) + np.diag(r.beta, -1)
         errors.append(np.linalg.eigvalsh(T)[-1] - 30.0)
     assert float(np.sqrt(np.mean(np.square(errors)))) < 3e-6
+
+
+def _count_compiled_steps(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = fused.subtract_into
+    monkeypatch.setattr(fused, "subtract_into", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize(("k", "which"), [(3, "LA"), (2, "BE"), (2, "SA")])
+def test_restarted_eigenvalues_with_the_compiled_step_agree_with_float64(monkeypatch, k, which):
+    """Restarted Lanczos (a basis of 8: several thick restarts) on the float32 diagonal operator: eigenvalues within
+    float32 rounding of the exact ones with the compiled step and without it, and eigenvectors with small residuals."""
+    d = _spectrum()
+    exact = {"LA": [50.0, 49.9, 49.8], "BE": [-5.0, 50.0], "SA": [float(d.min()), float(d.kthvalue(2).values)]}
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        calls = _count_compiled_steps(monkeypatch)
+        r = hesd.eigenvalues(_Diag(d), k=k, which=which, tol=1e-5, max_basis=8, return_eigenvectors=True, seed=3)
+        assert r.converged and r.info["restarts"] >= 2
+        assert (len(calls) > 0) == enabled  # the compiled step ran, or not at all
+        assert torch.allclose(r.eigenvalues.double(), torch.tensor(exact[which], dtype=torch.float64), atol=2e-4)
+        X = r.eigenvectors.double()
+        residual = (d.double()[:, None] * X - X * r.eigenvalues.double()).norm(dim=0)
+        assert float(residual.max()) < 1e-5 * 50 * 2  # the bound it stopped on, with float32's slack
+        assert float((X.T @ X - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-4
+
+
+def test_restarted_eigenvalues_fall_back_to_the_explicit_norm(monkeypatch):
+    """With the Pythagoras limit below zero every expansion subtracts the second pass before the norm."""
+    monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(basis_module, "PYTHAGORAS_LIMIT", -1.0)
+    calls = _count_compiled_steps(monkeypatch)
+    products: list[int] = []
+    real_products = fused.products
+    monkeypatch.setattr(fused, "products", lambda *a: products.append(1) or real_products(*a))
+    r = hesd.eigenvalues(_Diag(_spectrum()), k=1, tol=1e-5, max_basis=8)
+    assert r.converged and calls == [] and len(products) == r.num_matvecs
+    assert abs(float(r.eigenvalues[0]) - 50.0) < 2e-4
+
+
+def test_restarted_eigenvalues_through_an_invariant_subspace_with_the_compiled_step(monkeypatch):
+    """Three distinct eigenvalues: the Krylov space is invariant after three products (β ≈ 0, where Pythagoras would
+    lose every digit); the loop restarts from a fresh vector and still finds both ends."""
+    monkeypatch.setattr(fused, "ENABLED", True)
+    d = torch.tensor([1.0, 2.0, 3.0]).repeat(7_000)[torch.randperm(21_000, generator=torch.Generator().manual_seed(9))]
+    r = hesd.eigenvalues(_Diag(d), k=2, which="BE", tol=1e-6, max_basis=10)
+    assert r.converged
+    assert torch.allclose(r.eigenvalues, torch.tensor([1.0, 3.0]), atol=1e-5)

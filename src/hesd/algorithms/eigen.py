@@ -18,6 +18,7 @@ from ..allocator import basis_buffer
 from ..checks import check_positive_int
 from ..errors import HesdValueError
 from ..operators.linear import as_operator
+from . import basis, fused
 from .extremes import WINDOW, arrange, order, settled, wanted, windowed_extremes
 from .inner import inner
 from .lanczos import row_norms, writable
@@ -203,14 +204,23 @@ def eigenvalues(
         matvecs += 1
         lo = 0 if j == coupled else max(j - 1, 0)  # the first pass: where A q_j has O(1) components (_LOCAL)
         h = torch.zeros(j + 1, dtype=torch.float64, device=w.device)
-        h[lo:] = red(inner(Q[None, lo : j + 1], w[None])[0])  # float64 (hesd.algorithms.inner)
-        w.addmv_(Q[lo : j + 1].T, h[lo:].to(dtype), alpha=-1)
-        h2 = red(inner(Q[None, : j + 1], w[None])[0])  # the second pass: the whole basis
-        w.addmv_(Q[: j + 1].T, h2.to(dtype), alpha=-1)
+        pending = None  # the compiled step's second-pass coefficients, not yet subtracted from w
+        if fused.usable(Q, w):  # three compiled sweeps (hesd.algorithms.fused), the last into Q[j + 1]
+            h[lo:], h2, beta_sq = _project_compiled(Q, w, lo, j, red)
+            if beta_sq is not None:
+                pending, beta = h2, math.sqrt(beta_sq)
+            else:  # near breakdown: subtracted here and the norm taken explicitly
+                w.addmv_(Q[: j + 1].T, h2.to(dtype), alpha=-1)
+                beta = float(norm(w))
+        else:
+            h[lo:] = red(inner(Q[None, lo : j + 1], w[None])[0])  # float64 (hesd.algorithms.inner)
+            w.addmv_(Q[lo : j + 1].T, h[lo:].to(dtype), alpha=-1)
+            h2 = red(inner(Q[None, : j + 1], w[None])[0])  # the second pass: the whole basis
+            w.addmv_(Q[: j + 1].T, h2.to(dtype), alpha=-1)
+            beta = float(norm(w))
         h = (h + h2).cpu()
         T[: j + 1, j] = h
         T[j, : j + 1] = h
-        beta = float(norm(w))
         j += 1
         theta, S = torch.linalg.eigh(T[:j, :j])
         anorm = float(theta.abs().max()) if j else 0.0
@@ -234,10 +244,15 @@ def eigenvalues(
             q_next = r.div_(nr)
             del r
         elif j < m_max:
-            torch.div(w, beta, out=Q[j])  # straight into the basis: one vector pass fewer than dividing, then copying
+            if pending is not None:  # the second pass's subtraction and the division, one sweep into the basis
+                fused.subtract_into(Q, range(j), pending, w, j, beta)
+            else:  # straight into the basis: one vector pass fewer than dividing, then copying
+                torch.div(w, beta, out=Q[j])
             del w  # the next product's output is the only vector beside the basis
             continue
         else:
+            if pending is not None:
+                w.addmv_(Q[:j].T, pending.to(dtype), alpha=-1)
             q_next = w.div_(beta)
         del w
         if j < m_max:
@@ -268,6 +283,32 @@ def eigenvalues(
     vecs = Q[:j].T @ S[:, idx].to(dtype=dtype, device=device) if return_eigenvectors else None
     info = {"restarts": restarts, "basis_size": m_max}
     return _result(vals.to(dtype), vecs, resid_all[idx], converged, matvecs, which, info, tol, warn, theta)
+
+
+def _project_compiled(
+    Q: torch.Tensor, w: torch.Tensor, lo: int, j: int, red: Any
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    r"""The two Gram-Schmidt passes of an expansion in :mod:`hesd.algorithms.fused`'s sweeps.
+
+    The first pass against ``Q[lo : j + 1]``, then its subtraction, the second pass's
+    coefficients :math:`h_2` over ``Q[: j + 1]`` and :math:`\|w\|^2` in one sweep. The second
+    pass's subtraction is left to the caller, which writes it with the division into the basis
+    (:func:`hesd.algorithms.fused.subtract_into`).
+
+    Returns:
+        the first pass's coefficients, :math:`h_2` (both float64), and :math:`\beta^2 =
+        \|w\|^2 - \|h_2\|^2` while the second pass removes at most
+        :data:`~hesd.algorithms.basis.PYTHAGORAS_LIMIT` of :math:`\|w\|^2`; ``None`` otherwise
+        (near breakdown, or not finite): the caller subtracts :math:`h_2` and takes the norm.
+    """
+    first = range(lo, j + 1)
+    h = red(fused.products(Q, first, w))
+    r = red(fused.subtract_then_products(Q, first, h, range(j + 1), w))
+    h2, wsq = r[:-1], float(r[-1])
+    removed = float(h2 @ h2)
+    if removed <= basis.PYTHAGORAS_LIMIT * wsq:  # False for NaN: the explicit norm then carries it to the checks
+        return h, h2, wsq - removed
+    return h, h2, None
 
 
 def _result(

@@ -22,7 +22,9 @@ The second pass's coefficients are of rounding size (the first pass leaves :math
 to :math:`Q` to a relative :math:`\epsilon\|A\|/\beta_j`), so the subtraction loses nothing;
 where :math:`\|h_2\|^2 > 10^{-2}\|w\|^2` the basis falls back to the explicit norm. That is 13
 vector sweeps of a 3-vector window instead of 19, and no per-chunk dispatch: at 124 M entries on
-two cores 0.3 s of vector work a step instead of 0.5 s (BENCHMARKS.md §9).
+two cores 0.3 s of vector work a step instead of 0.5 s (BENCHMARKS.md §9). The restarted loop of
+:func:`hesd.eigenvalues` (``reorth="full"``) takes the same three sweeps over its basis, its first
+pass over the whole basis where a thick restart coupled the new column to every kept Ritz vector.
 
 Inner products are summed by blocks of 256 entries in float32 and the blocks in float64
 (:mod:`hesd.algorithms.fused_kernels`), which is more accurate than a float32 sum over each chunk
