@@ -225,6 +225,15 @@ def timed_operator(op):
     return op
 
 
+def three_products(op, v: torch.Tensor, name: str, r: dict) -> list[float]:
+    """Three products ``op @ v`` in a phase of their own; their seconds, one by one (:func:`timed_operator`)."""
+    k0 = len(op.product_times)
+    with phase(name, r):
+        for _ in range(3):
+            op @ v
+    return op.product_times[k0:]
+
+
 def run_hesd(size: str, a) -> dict:
     import hesd
     from hesd.allocator import release_free_memory
@@ -248,11 +257,8 @@ def run_hesd(size: str, a) -> dict:
         r["grown GiB"] = (rss_gib() * 2**30 - before) / 2**30
         r["SLQ RSS GiB"] = rss_gib()
         del spec
-        v = torch.randn(op.shape[0], device=DEVICE)
-        with phase("products (3) after the SLQ", r):  # one product beside the SLQ: its operator, its kept graphs
-            for _ in range(3):
-                op @ v
-        r["HVP times after the SLQ"] = op.product_times[len(r["SLQ product times"]) :]
+        v = torch.randn(op.shape[0], device=DEVICE)  # one product beside the SLQ: its operator, its kept graphs
+        r["HVP times after the SLQ"] = three_products(op, v, "products (3) after the SLQ", r)
         del op, v
     params = list(model.parameters())
     with phase("gradient", r, "grad s"):
@@ -261,11 +267,7 @@ def run_hesd(size: str, a) -> dict:
     v = torch.randn(op.shape[0], device=DEVICE)
     with phase("first product", r):
         op @ v  # first-order pass (graphs kept as the plan allows)
-    with phase("products (3)", r):  # one product: the median of three (one sample varied by 11 % between runs)
-        k0 = len(op.product_times)
-        for _ in range(3):
-            op @ v
-    r["HVP times"] = op.product_times[k0:]
+    r["HVP times"] = three_products(op, v, "products (3)", r)  # (one sample varied by 11 % between runs)
     r["HVP s"] = statistics.median(r["HVP times"])
     release_free_memory()  # the products' freed buffers: not resident through the next phases (untimed here)
     fd = hesd.HessianOperator(model, None, data, hvp_method="finite_difference", check_deterministic=False)
@@ -283,12 +285,8 @@ def run_hesd(size: str, a) -> dict:
         top = hesd.eigenvalues(op, k=1, tol=1e-3, warn=False, **kw)
     r["top-1 HVPs"], r["top-1"] = op.num_matvecs - n0, float(top.eigenvalues[0])
     r["top-1 products s"], r["top-1 product times"] = op.product_s - p0, op.product_times[t0:]
-    v = torch.randn(op.shape[0], device=DEVICE)
-    with phase("products (3) after the top-1", r):  # the other side of the top-1: drift of the machine's speed
-        k0 = len(op.product_times)
-        for _ in range(3):
-            op @ v
-    r["HVP times after"] = op.product_times[k0:]
+    v = torch.randn(op.shape[0], device=DEVICE)  # the other side of the top-1: drift of the machine's speed
+    r["HVP times after"] = three_products(op, v, "products (3) after the top-1", r)
     r["one product beside the top-1"] = statistics.median(r["HVP times"] + r["HVP times after"])
     r["HVP s"] = statistics.median(r["HVP times"] + r["HVP times after"] + r.get("HVP times after the SLQ", []))
     del v

@@ -18,7 +18,7 @@ from ..operators.linear import LinearOperator
 from . import fused
 from .inner import inner
 
-__all__ = ["Basis"]
+__all__ = ["Basis", "pythagoras"]
 
 #: the compiled step's :math:`\beta_j` from Pythagoras holds while the second pass removes at most this
 #: share of :math:`\|w\|^2` (rounding size away from breakdown); above it the norm is taken explicitly
@@ -155,12 +155,12 @@ class Basis:
         r = self.reduce(torch.stack([
             fused.subtract_then_products(self.store[i], local, h[i], filled, W[i]) for i in range(W.shape[0])
         ]))  # fmt: skip
-        h2, wsq = r[:, :-1], r[:, -1]
+        h2 = r[:, :-1]
         alpha = h[:, -1] + h2[:, last]
-        removed = (h2 * h2).sum(1)
-        if bool((removed <= PYTHAGORAS_LIMIT * wsq).all()):  # False for NaN: the explicit path then raises
+        beta_sq = pythagoras(h2, r[:, -1])
+        if beta_sq is not None:
             self.pending = h2
-            return W, alpha, torch.sqrt(wsq - removed).to(W.dtype)
+            return W, alpha, torch.sqrt(beta_sq).to(W.dtype)
         _subtract(W, self.store[:, : len(filled)], h2)  # near breakdown: the norm taken explicitly
         return W, alpha, None
 
@@ -170,6 +170,21 @@ class Basis:
             self.store = self.store[rows.to(self.device)]
         if self.pending is not None:
             self.pending = self.pending[rows.to(self.pending.device)]
+
+
+def pythagoras(h2: torch.Tensor, wsq: torch.Tensor) -> torch.Tensor | None:
+    r""":math:`\beta^2 = \|w\|^2 - \|h_2\|^2` for each recurrence, if the compiled step may take it so.
+
+    ``h2`` (``(..., k)``) are the second pass's coefficients and ``wsq`` (``(...)``) the squared
+    norms of :math:`w` before that pass's subtraction. Pythagoras holds while every recurrence's
+    second pass removes at most :data:`PYTHAGORAS_LIMIT` of :math:`\|w\|^2`; otherwise (near
+    breakdown, or not finite: the comparison is false for NaN) ``None``, and the caller subtracts
+    the second pass and takes the norm explicitly.
+    """
+    removed = (h2 * h2).sum(-1)
+    if bool((removed <= PYTHAGORAS_LIMIT * wsq).all()):
+        return wsq - removed
+    return None
 
 
 def _subtract(W: torch.Tensor, Q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

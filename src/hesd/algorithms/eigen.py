@@ -296,19 +296,15 @@ def _project_compiled(
     (:func:`hesd.algorithms.fused.subtract_into`).
 
     Returns:
-        the first pass's coefficients, :math:`h_2` (both float64), and :math:`\beta^2 =
-        \|w\|^2 - \|h_2\|^2` while the second pass removes at most
-        :data:`~hesd.algorithms.basis.PYTHAGORAS_LIMIT` of :math:`\|w\|^2`; ``None`` otherwise
-        (near breakdown, or not finite): the caller subtracts :math:`h_2` and takes the norm.
+        the first pass's coefficients, :math:`h_2` (both float64), and :math:`\beta^2` by
+        :func:`hesd.algorithms.basis.pythagoras`; ``None`` where it does not hold (near breakdown,
+        or not finite): the caller subtracts :math:`h_2` and takes the norm.
     """
     first = range(lo, j + 1)
     h = red(fused.products(Q, first, w))
     r = red(fused.subtract_then_products(Q, first, h, range(j + 1), w))
-    h2, wsq = r[:-1], float(r[-1])
-    removed = float(h2 @ h2)
-    if removed <= basis.PYTHAGORAS_LIMIT * wsq:  # False for NaN: the explicit norm then carries it to the checks
-        return h, h2, wsq - removed
-    return h, h2, None
+    beta_sq = basis.pythagoras(r[:-1], r[-1])
+    return h, r[:-1], None if beta_sq is None else float(beta_sq)
 
 
 def _result(
